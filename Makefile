@@ -1,0 +1,34 @@
+# Set-up: `make demo` runs the embedded default end to end; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+# torch first (from the local wheel store when there is one), then deepspeed without
+# build isolation so its setup sees that torch instead of fetching another.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/cafe demo --config configs/demo.yaml
+
+test: install
+	$(BIN)/pytest tests -q
+
+test-fast: install
+	$(BIN)/pytest tests -q -m "not slow"
+
+clean:
+	rm -rf runs mlflow.db mlruns .pytest_cache

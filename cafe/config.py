@@ -1,0 +1,185 @@
+"""One typed config per run. YAML files and `--set a.b=value` overrides are views of these
+dataclasses: every key is checked against them, so a typo or a wrong type fails early with
+the key's name and the valid choices."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the dataclasses below."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    checkpoint: str = "runs/demo/base-model"  # any LLaVA-OneVision HF directory
+    build_tiny_if_missing: bool = True  # build the offline tiny checkpoint at `checkpoint`
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class ScenesConfig:
+    """The embedded procedurally drawn data set."""
+
+    train_images: int = 1200
+    eval_images: int = 100
+    image_size: int = 128
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    raw_dir: str = "runs/demo/raw"  # OneVision-layout input (the scenes land here in the demo)
+    dataset_yaml: str = ""  # subset selection; empty: every shard under raw_dir
+    train_dir: str = "runs/demo/train"  # training Parquet written by pipelines
+    quarantine_dir: str = "runs/demo/quarantine"
+    eval_dir: str = "runs/demo/eval"  # held-out evaluation files in public layouts
+    max_text_tokens: int = 384
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    compute_language_loss: bool = True
+    compute_contrastive_loss: bool = True
+    alpha_lm: float = 1.0
+    con_weight: float = 1.0
+    temperature: float = 0.05
+    learnable_temperature: bool = False
+    contrastive: Literal["infonce", "sigmoid"] = "infonce"
+    emb_type: Literal["last", "mean"] = "last"
+    multimodal_input: bool = False
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    batch_size: int = 8  # per worker
+    epochs: int = 1
+    max_steps: int = 0  # 0: run the epochs out
+    lr: float = 1e-3
+    temperature_lr: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    max_failures: int = 0
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    batch_size: int = 32
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "cafe"
+    run_name: str = "demo"
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    name: str = "demo"
+    output_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(hint)]}, got {value!r}")
+        return _build(hint, value, key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unions are not supported in configs")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown key {dotted!r}; valid keys here: {names}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    dotted, text = assignment.split("=", 1)
+    *path, leaf = dotted.strip().split(".")
+    node = raw
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """ExperimentConfig from a YAML file (or the defaults) plus `a.b=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides or []:
+        _apply_override(raw, assignment)
+    return _build(ExperimentConfig, raw)
+
+
+def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config to dotted keys, e.g. for MLflow params."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            flat.update(to_flat_dict(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
