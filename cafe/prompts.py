@@ -25,3 +25,42 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def chat_pieces(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """The chat template as (text, is_assistant_content) pieces; joined they equal the template.
+
+    Splitting at the role headers lets labels cover exactly the assistant content and its
+    end-of-turn marker, never the headers."""
+    pieces: list[tuple[str, bool]] = []
+    if not messages or messages[0]["role"] != "system":
+        pieces.append((f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n", False))
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "assistant":
+            pieces.append(("<|im_start|>assistant\n", False))
+            pieces.append((f"{content}<|im_end|>", True))
+            pieces.append(("\n", False))
+        else:
+            pieces.append((f"<|im_start|>{role}\n{content}<|im_end|>\n", False))
+    if add_generation_prompt:
+        pieces.append(("<|im_start|>assistant\n", False))
+    return pieces
+
+
+def embedding_messages(text: str | None, num_images: int) -> list[dict]:
+    """The user turn that asks for a one-word summary; its last token's state is the embedding.
+
+    Image-only inputs get the image instruction; anything with text gets the sentence one."""
+    if not text and num_images == 0:
+        raise ValueError("an embedding input needs text or at least one image")
+    parts = [IMAGE_TOKEN] * num_images
+    if text:
+        parts += [text, TEXT_EMBED_INSTRUCTION]
+    else:
+        parts.append(IMAGE_EMBED_INSTRUCTION)
+    return [{"role": "user", "content": "\n".join(parts)}]
+
+
+def strip_image_tokens(text: str) -> str:
+    return text.replace(IMAGE_TOKEN, "").strip()

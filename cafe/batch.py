@@ -1,0 +1,249 @@
+"""From decoded examples to one packed CAFe batch.
+
+Per example the step needs three sequences: the conversation (labels on assistant tokens),
+the query embedding prompt (the images, or `multimodal_input`'s user turn) and the target
+embedding prompt (the pair text, or the assistant turn). The conversation and the query
+prompt start with the same tokens (system, user header, image tokens), so they become one
+*unit*: a shared trunk plus two branches that each attend to the trunk and to themselves.
+The target prompt is a unit of its own. Units are packed first-fit into rows, so there is
+almost no padding, and every image is encoded once however many sequences show it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from cafe.prompts import IGNORE_INDEX, IMAGE_TOKEN, strip_image_tokens
+from cafe.sequences import Sequence, encode_conversation, encode_embedding_prompt, expand_image_tokens
+
+TRUNK, CONVERSATION, QUERY = 0, 1, 2  # branch ids inside a unit
+
+
+@dataclass(slots=True)
+class Example:
+    """One training row, decoded. `query_text=None` embeds the images alone (the default
+    image<->caption pairing); `target_images` only occur with `multimodal_input`."""
+
+    images: list[Image.Image]
+    messages: list[dict]
+    target_text: str | None
+    query_text: str | None = None
+    target_images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PackedBatch:
+    input_ids: torch.Tensor  # (rows, length)
+    position_ids: torch.Tensor  # (rows, length) positions as each sequence would see them alone
+    unit: torch.Tensor  # (rows, length) unit id, -1 on padding
+    branch: torch.Tensor  # (rows, length) TRUNK / CONVERSATION / QUERY (target units: TRUNK)
+    feature_index: torch.Tensor  # (rows, length) row of the concatenated image features, -1 for text
+    lm_targets: torch.Tensor  # (rows, length) next-token label at each position, IGNORE_INDEX elsewhere
+    emb_last: torch.Tensor  # (2 * examples,) flat position of each embedding's last token: queries then targets
+    emb_positions: torch.Tensor  # flat positions of every embedding-prompt token (for mean pooling)
+    emb_owner: torch.Tensor  # which embedding each of those positions belongs to
+    pixel_values: torch.Tensor | None  # (images, crops, 3, H, W)
+    image_sizes: torch.Tensor | None  # (images, 2)
+    batch_num_images: list[int]  # images per prompt group, as the vision tower expects
+    tokens_per_image: list[int]
+    num_examples: int
+    # unpacked sequences (expanded), kept for the plain three-pass reference and for debugging
+    sequences: list[dict[str, tuple[list[int], list[int], list[int]]]]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedBatch":
+        moved = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None)
+            moved[name] = value
+        return PackedBatch(**moved)
+
+
+def tokens_per_image(processor, image_inputs: dict) -> list[int]:
+    """How many `<image>` tokens each image expands to: the processor's own rule."""
+    n = len(image_inputs["image_sizes"])
+    return [len(processor.replace_image_token(image_inputs, i)) // len(IMAGE_TOKEN) for i in range(n)]
+
+
+def _common_prefix(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    # each branch keeps at least one token of its own, so every sequence ends in its branch
+    return min(n, len(a) - 1, len(b) - 1)
+
+
+class Collator:
+    """Turns examples into a `PackedBatch`. Runs in data-loader workers (CPU only)."""
+
+    def __init__(self, processor, *, compute_language_loss: bool = True, compute_contrastive_loss: bool = True,
+                 max_text_tokens: int = 0) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = processor.image_token_id
+        self.with_lm = compute_language_loss
+        self.with_con = compute_contrastive_loss
+        self.max_text_tokens = max_text_tokens
+
+    def _encode_images(self, groups: list[list[Image.Image]]) -> tuple[dict | None, list[int]]:
+        flat = [img for group in groups for img in group]
+        if not flat:
+            return None, []
+        inputs = dict(self.processor.image_processor(images=flat, return_tensors="pt"))
+        inputs["batch_num_images"] = [len(g) for g in groups if g]
+        return inputs, tokens_per_image(self.processor, inputs)
+
+    def __call__(self, examples: list[Example]) -> PackedBatch:
+        groups: list[list[Image.Image]] = []
+        seqs: list[dict[str, Sequence]] = []
+        next_image = 0
+        for ex in examples:
+            own = list(range(next_image, next_image + len(ex.images)))
+            next_image += len(ex.images)
+            groups.append(ex.images)
+            tgt = list(range(next_image, next_image + len(ex.target_images)))
+            next_image += len(ex.target_images)
+            groups.append(ex.target_images)
+            entry = {}
+            if self.with_lm:
+                entry["conversation"] = encode_conversation(self.tokenizer, ex.messages, own)
+            if self.with_con:
+                query_text = ex.query_text
+                if not own and not query_text:  # a text-only row: its user turn is the query
+                    query_text = strip_image_tokens(next(m["content"] for m in ex.messages if m["role"] == "user"))
+                entry["query"] = encode_embedding_prompt(self.tokenizer, query_text, own)
+                entry["target"] = encode_embedding_prompt(self.tokenizer, ex.target_text, tgt)
+            seqs.append(entry)
+        return self._finish(groups, seqs)
+
+    def embedding_batch(self, inputs: list[tuple[str | None, list[Image.Image]]]) -> PackedBatch:
+        """Pack embedding prompts only (text and/or images each), e.g. for evaluation."""
+        groups, seqs, next_image = [], [], 0
+        for text, images in inputs:
+            slots = list(range(next_image, next_image + len(images)))
+            next_image += len(images)
+            groups.append(images)
+            seqs.append({"query": encode_embedding_prompt(self.tokenizer, text, slots)})
+        return self._finish(groups, seqs)
+
+    def _finish(self, groups, seqs) -> PackedBatch:
+        image_inputs, per_image = self._encode_images(groups)
+        expanded = [{k: expand_image_tokens(s, self.image_token_id, per_image) for k, s in entry.items()} for entry in seqs]
+        if self.max_text_tokens:
+            for entry in expanded:
+                for name, (ids, _, owner) in entry.items():
+                    text_tokens = sum(1 for o in owner if o < 0)
+                    if text_tokens > self.max_text_tokens:
+                        raise ValueError(f"{name} has {text_tokens} text tokens, over max_text_tokens={self.max_text_tokens}")
+        return self._pack(expanded, image_inputs, per_image)
+
+    def _pack(self, expanded, image_inputs, per_image) -> PackedBatch:
+        offsets = [0]
+        for n in per_image:
+            offsets.append(offsets[-1] + n)
+        units: list[list[tuple]] = []  # per unit: (token, position, branch, feature row, lm target)
+        query_units, target_units, emb_spans = [], [], []  # emb_spans: unit-local token indices
+        for entry in expanded:
+            conv, query = entry.get("conversation"), entry.get("query")
+            tokens: list[tuple] = []
+            if conv:
+                trunk = _common_prefix(list(zip(conv[0], conv[2])), list(zip(query[0], query[2]))) if query else 0
+                lm = conv[1][1:] + [IGNORE_INDEX]  # position j predicts token j + 1
+                tokens += _unit_tokens(conv, 0, trunk, TRUNK, offsets, lm)
+                tokens += _unit_tokens(conv, trunk, len(conv[0]), CONVERSATION, offsets, lm)
+            if query:
+                trunk = trunk if conv else 0
+                start = len(tokens)
+                tokens += _unit_tokens(query, trunk, len(query[0]), QUERY, offsets)
+                query_units.append(len(units))
+                emb_spans.append(list(range(trunk)) + list(range(start, len(tokens))))
+            units.append(tokens)
+            if "target" in entry:
+                target = entry["target"]
+                target_units.append(len(units))
+                units.append(_unit_tokens(target, 0, len(target[0]), TRUNK, offsets))
+        emb_spans += [list(range(len(units[u]))) for u in target_units]
+        return self._rows(units, query_units + target_units, emb_spans, image_inputs, per_image, expanded)
+
+    def _rows(self, units, emb_units, emb_spans, image_inputs, per_image, expanded) -> PackedBatch:
+        # First-fit decreasing into rows no longer than the longest unit: little padding and
+        # attention cost bounded by the longest sequence.
+        capacity = max(len(u) for u in units)
+        order = sorted(range(len(units)), key=lambda u: -len(units[u]))
+        rows: list[list[int]] = []
+        fill: list[int] = []
+        for u in order:
+            for r, used in enumerate(fill):
+                if used + len(units[u]) <= capacity:
+                    rows[r].append(u)
+                    fill[r] += len(units[u])
+                    break
+            else:
+                rows.append([u])
+                fill.append(len(units[u]))
+        shape = (len(rows), capacity)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full(shape, pad_id, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        unit_ids = torch.full(shape, -1, dtype=torch.long)
+        branch = torch.zeros(shape, dtype=torch.long)
+        feature_index = torch.full(shape, -1, dtype=torch.long)
+        lm_targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        unit_start = {}
+        for r, members in enumerate(rows):
+            col = 0
+            for u in members:
+                unit_start[u] = r * capacity + col
+                for k, (tok, pos, br, feat, tgt) in enumerate(units[u]):
+                    input_ids[r, col + k] = tok
+                    position_ids[r, col + k] = pos
+                    unit_ids[r, col + k] = u
+                    branch[r, col + k] = br
+                    feature_index[r, col + k] = feat
+                    lm_targets[r, col + k] = tgt
+                col += len(units[u])
+        emb_last, emb_positions, emb_owner = [], [], []
+        for e, (u, span) in enumerate(zip(emb_units, emb_spans)):
+            flat = [unit_start[u] + k for k in span]
+            emb_last.append(flat[-1])
+            emb_positions += flat
+            emb_owner += [e] * len(flat)
+        return PackedBatch(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            unit=unit_ids,
+            branch=branch,
+            feature_index=feature_index,
+            lm_targets=lm_targets,
+            emb_last=torch.tensor(emb_last, dtype=torch.long),
+            emb_positions=torch.tensor(emb_positions, dtype=torch.long),
+            emb_owner=torch.tensor(emb_owner, dtype=torch.long),
+            pixel_values=image_inputs["pixel_values"] if image_inputs else None,
+            image_sizes=image_inputs["image_sizes"] if image_inputs else None,
+            batch_num_images=image_inputs["batch_num_images"] if image_inputs else [],
+            tokens_per_image=per_image,
+            num_examples=len(expanded),
+            sequences=expanded,
+        )
+
+
+def _unit_tokens(seq, start: int, stop: int, branch: int, offsets: list[int], lm: list[int] | None = None) -> list[tuple]:
+    """Tokens start..stop of an expanded sequence as packed-token tuples. An image's tokens are
+    contiguous in a sequence, so its k-th token takes row offsets[image] + k of the features."""
+    ids, _, owner = seq
+    out = []
+    first_seen: dict[int, int] = {}
+    for j in range(stop):
+        image = owner[j]
+        if image >= 0:
+            first_seen.setdefault(image, j)
+        if j < start:
+            continue
+        row = offsets[image] + j - first_seen[image] if image >= 0 else -1
+        out.append((ids[j], j, branch, row, lm[j] if lm is not None else IGNORE_INDEX))
+    return out

@@ -1,0 +1,106 @@
+"""CAFe losses as small modules with named terms.
+
+Contrastive terms are computed over the *global* batch. `gather_features` all-gathers the
+embeddings and puts the live local tensor back in its own slot, so each rank computes the full
+global loss and its backward yields the exact full-batch gradient for its own samples. With a
+world size of 1 no collective call is made.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_features(local: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Concatenate `local` from every rank, keeping the autograd graph of this rank's slot.
+
+    All ranks must hold the same number of rows (the trainer drops ragged last batches)."""
+    if world_size == 1:
+        return local
+    slots = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(slots, local.detach().contiguous())
+    slots[rank] = local
+    return torch.cat(slots, dim=0)
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE (logits = cosine / temperature) or the pairwise sigmoid variant.
+
+    The temperature is stored as a log logit-scale so a learnable one stays positive."""
+
+    def __init__(self, *, kind: str = "infonce", temperature: float = 0.05, learnable: bool = False,
+                 sigmoid_bias: float = -10.0) -> None:
+        super().__init__()
+        if kind not in ("infonce", "sigmoid"):
+            raise ValueError(f"contrastive loss kind {kind!r} is not one of ['infonce', 'sigmoid']")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.kind = kind
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        bias = torch.tensor(sigmoid_bias)
+        if learnable:
+            self.log_scale = nn.Parameter(log_scale)
+            self.bias = nn.Parameter(bias) if kind == "sigmoid" else None
+        else:
+            self.register_buffer("log_scale", log_scale)
+            self.register_buffer("bias", bias if kind == "sigmoid" else None)
+
+    @property
+    def temperature(self) -> float:
+        return float(torch.exp(-self.log_scale.detach()))
+
+    def forward(self, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`query` and `target`: (N, D) L2-normalised embeddings, row i of each is a pair."""
+        scale = self.log_scale.exp()
+        logits = scale * query.float() @ target.float().T
+        n = logits.shape[0]
+        if self.kind == "infonce":
+            labels = torch.arange(n, device=logits.device)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        signs = 2 * torch.eye(n, device=logits.device) - 1
+        return -F.logsigmoid(signs * (logits + self.bias)).sum() / n
+
+
+@dataclass(slots=True)
+class LossTerms:
+    """What one CAFe step reports. `objective` is what is back-propagated."""
+
+    objective: torch.Tensor
+    loss: torch.Tensor
+    lm_loss: torch.Tensor | None
+    con_loss: torch.Tensor | None
+
+
+class CafeLoss(nn.Module):
+    """L = alpha_lm * L_lm + con_weight * L_con, with the reference code's on/off flags."""
+
+    def __init__(self, *, compute_language_loss: bool = True, compute_contrastive_loss: bool = True,
+                 alpha_lm: float = 1.0, con_weight: float = 1.0, contrastive: ContrastiveLoss | None = None) -> None:
+        super().__init__()
+        if not (compute_language_loss or compute_contrastive_loss):
+            raise ValueError("at least one of compute_language_loss / compute_contrastive_loss must be on")
+        self.compute_language_loss = compute_language_loss
+        self.compute_contrastive_loss = compute_contrastive_loss
+        self.alpha_lm = alpha_lm
+        self.con_weight = con_weight
+        self.contrastive = contrastive or ContrastiveLoss()
+
+    def forward(self, *, lm_loss: torch.Tensor | None, query: torch.Tensor | None, target: torch.Tensor | None,
+                rank: int = 0, world_size: int = 1) -> LossTerms:
+        loss = objective = None
+        con = None
+        if self.compute_language_loss:
+            loss = objective = self.alpha_lm * lm_loss
+        if self.compute_contrastive_loss:
+            con = self.contrastive(gather_features(query, rank, world_size), gather_features(target, rank, world_size))
+            weighted = self.con_weight * con
+            # Every rank holds the full global contrastive loss but only its own samples'
+            # gradient; data-parallel averaging divides by world_size, so scale it back up.
+            loss = weighted if loss is None else loss + weighted
+            objective = weighted * world_size if objective is None else objective + weighted * world_size
+        return LossTerms(objective=objective, loss=loss, lm_loss=lm_loss, con_loss=con)

@@ -1,0 +1,116 @@
+"""Loading a LLaVA-OneVision checkpoint directory and the CAFe model around it.
+
+`CafeModel.forward` is the fast CAFe step on a `PackedBatch`: the vision tower runs once per
+image, the conversation and the query prompt share their prefix in one packed forward through
+the base language model, and vocabulary logits are computed only where labels exist."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+from cafe.batch import TRUNK, PackedBatch
+from cafe.losses import CafeLoss, LossTerms
+from cafe.prompts import IGNORE_INDEX
+
+
+def load_vlm(checkpoint: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """Model and processor from a local HF directory (no hub access)."""
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a LLaVA-OneVision checkpoint directory (no config.json)")
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+    )
+    return model, processor
+
+
+def packed_attention_mask(batch: PackedBatch, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, 1, L, L) mask: a token sees earlier tokens of its own unit that are in the trunk or
+    in its own branch. Padding sees only itself, so no softmax row is empty."""
+    unit, branch, pos = batch.unit, batch.branch, batch.position_ids
+    same_unit = (unit[:, :, None] == unit[:, None, :]) & (unit[:, :, None] >= 0)
+    causal = pos[:, None, :] <= pos[:, :, None]
+    visible_branch = (branch[:, None, :] == TRUNK) | (branch[:, None, :] == branch[:, :, None])
+    allowed = same_unit & causal & visible_branch
+    allowed |= torch.eye(unit.shape[1], dtype=torch.bool, device=unit.device)
+    allowed = allowed[:, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    if attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=unit.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    raise ValueError(f"packed CAFe batches need attn_implementation 'sdpa' or 'eager', not {attn_implementation!r}")
+
+
+class CafeModel(nn.Module):
+    """The VLM plus the CAFe loss (whose temperature may be learnable)."""
+
+    def __init__(self, vlm: LlavaOnevisionForConditionalGeneration, loss: CafeLoss, *, emb_type: str = "last") -> None:
+        super().__init__()
+        if emb_type not in ("last", "mean"):
+            raise ValueError(f"emb_type {emb_type!r} is not one of ['last', 'mean']")
+        self.vlm = vlm
+        self.loss = loss
+        self.emb_type = emb_type
+
+    def image_features(self, batch: PackedBatch) -> torch.Tensor | None:
+        if batch.pixel_values is None:
+            return None
+        out = self.vlm.model.get_image_features(
+            pixel_values=batch.pixel_values,
+            image_sizes=batch.image_sizes,
+            batch_num_images=batch.batch_num_images,
+        )
+        features = out.pooler_output if hasattr(out, "pooler_output") else out
+        lengths = [f.shape[0] for f in features]
+        if lengths != batch.tokens_per_image:
+            raise ValueError(f"vision tower gave {lengths} tokens per image, the prompts hold {batch.tokens_per_image}")
+        return torch.cat(list(features), dim=0)
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm) of the packed rows."""
+        embeds = self.vlm.get_input_embeddings()(batch.input_ids)
+        features = self.image_features(batch)
+        if features is not None:
+            is_image = batch.feature_index >= 0
+            embeds = embeds.masked_scatter(is_image[..., None], features[batch.feature_index[is_image]].to(embeds.dtype))
+        mask = packed_attention_mask(batch, self.vlm.config._attn_implementation, embeds.dtype)
+        return self.vlm.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids
+        ).last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """L2-normalised embeddings in order (queries, then targets), in float32."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if self.emb_type == "last":
+            pooled = flat[batch.emb_last].float()
+        else:
+            n = batch.emb_last.shape[0]
+            sums = torch.zeros(n, flat.shape[-1], dtype=torch.float32, device=flat.device)
+            sums = sums.index_add(0, batch.emb_owner, flat[batch.emb_positions].float())
+            counts = torch.bincount(batch.emb_owner, minlength=n).clamp(min=1)
+            pooled = sums / counts[:, None]
+        return F.normalize(pooled, dim=-1)
+
+    def lm_loss(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        labelled = batch.lm_targets != IGNORE_INDEX
+        logits = self.vlm.lm_head(hidden[labelled])
+        return F.cross_entropy(logits.float(), batch.lm_targets[labelled])
+
+    def forward(self, batch: PackedBatch, rank: int = 0, world_size: int = 1) -> LossTerms:
+        hidden = self.hidden_states(batch)
+        lm = self.lm_loss(hidden, batch) if self.loss.compute_language_loss else None
+        query = target = None
+        if self.loss.compute_contrastive_loss:
+            emb = self.pool(hidden, batch)
+            query, target = emb[: batch.num_examples], emb[batch.num_examples :]
+        return self.loss(lm_loss=lm, query=query, target=target, rank=rank, world_size=world_size)
+
+    @torch.no_grad()
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """Embeddings of an embedding-only batch (`Collator.embedding_batch`)."""
+        return self.pool(self.hidden_states(batch), batch)

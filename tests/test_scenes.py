@@ -1,0 +1,271 @@
+"""The embedded scene data set: determinism, public layouts, and answers that are true."""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.scenes import (
+    COLOURS,
+    DESCRIBE_PROMPTS,
+    KINDS,
+    POSITIONS,
+    Scene,
+    Shape,
+    caption,
+    CAPTION_TEMPLATES,
+    is_held_out,
+    make_scene,
+    render_scene,
+    scene_corpus,
+    write_scene_dataset,
+)
+
+TRAIN, EVAL, SIZE, SHARD = 20, 10, 96, 8
+IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("scenes")
+    return out, write_scene_dataset(out, train_images=TRAIN, eval_images=EVAL, image_size=SIZE, seed=0, shard_rows=SHARD)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _graphs(out: Path, split: str) -> dict[str, Scene]:
+    lines = (out / "scene_graphs" / f"{split}.jsonl").read_text().splitlines()
+    return {row["id"]: Scene.from_dict(row) for row in map(json.loads, lines)}
+
+
+def _decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _all_captions(scene: Scene) -> set[str]:
+    orders = itertools.permutations(range(len(scene.shapes)))
+    return {caption(scene, t, list(o)) for o in orders for t in range(len(CAPTION_TEMPLATES))}
+
+
+# An oracle written independently of the generator: it re-derives every answer from the graph.
+_AT = {("in the center" if p == "center" else f"on the {p}" if p in ("left", "right") else f"at the {p}"): p for p in POSITIONS}
+
+
+def _only(shapes: list[Shape]) -> Shape:
+    assert len(shapes) == 1, f"ambiguous question: {shapes}"
+    return shapes[0]
+
+
+def oracle(scene: Scene, question: str) -> str:
+    shapes = list(scene.shapes)
+    at = {s.position: s for s in shapes}
+    rules = [
+        (r"How many shapes are there\?", lambda: str(len(shapes))),
+        (r"How many (\w+)s are there\?", lambda k: str(sum(s.kind == k for s in shapes))),
+        (r"What color is the shape (.+)\?", lambda p: at[_AT[p]].colour),
+        (r"What shape is (.+)\?", lambda p: at[_AT[p]].kind),
+        (r"What is (.+)\?", lambda p: f"a {at[_AT[p]].size} {at[_AT[p]].colour} {at[_AT[p]].kind}"),
+        (r"What color is the (\w+)\?", lambda k: _only([s for s in shapes if s.kind == k]).colour),
+        (r"Where is the (\w+) (\w+)\?", lambda c, k: _only([s for s in shapes if (s.colour, s.kind) == (c, k)]).position),
+        (r"Is the (\w+) (\w+) large or small\?", lambda c, k: _only([s for s in shapes if (s.colour, s.kind) == (c, k)]).size),
+        (r"Is there a (\w+) (\w+) in the image\?", lambda c, k: "yes" if any((s.colour, s.kind) == (c, k) for s in shapes) else "no"),
+    ]
+    for pattern, answer in rules:
+        if match := re.fullmatch(pattern, question):
+            return answer(*match.groups())
+    raise AssertionError(f"question the oracle does not know: {question!r}")
+
+
+def test_captions_name_every_shape():
+    scene = make_scene(
+        [Shape("square", "blue", "small", "center"), Shape("circle", "red", "large", "top left")]
+    )
+    assert caption(scene, 0) == "a large red circle at the top left and a small blue square in the center"
+    assert caption(scene, 1, [1, 0]) == (
+        "There are two shapes: a small blue square in the center and a large red circle at the top left."
+    )
+    assert len(CAPTION_TEMPLATES) >= 5
+    assert len({caption(scene, t) for t in range(len(CAPTION_TEMPLATES))}) == len(CAPTION_TEMPLATES)
+    with pytest.raises(ValueError):
+        make_scene([Shape("star", "red", "large", "top"), Shape("circle", "blue", "small", "top")])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes_stay_inside_their_cell(kind):
+    """Shapes never overlap: every drawn pixel lies in the shape's own grid cell."""
+    import random
+
+    size, rng = 96, random.Random(0)
+    for index, position in enumerate(POSITIONS):
+        image = render_scene(make_scene([Shape(kind, "red", "large", position)]), size=size, rng=rng)
+        left, top, right, bottom = Image.eval(image.convert("L"), lambda v: 255 if v < 200 else 0).getbbox()
+        row, col = divmod(index, 3)
+        assert col * size / 3 <= left and right <= (col + 1) * size / 3
+        assert row * size / 3 <= top and bottom <= (row + 1) * size / 3
+        assert (right - left) > size / 6  # large shapes are large
+
+
+def test_same_seed_gives_identical_files_across_processes(dataset, tmp_path):
+    out, _ = dataset
+    script = (
+        "import sys; from pipelines.scenes import write_scene_dataset; "
+        f"write_scene_dataset(sys.argv[1], train_images={TRAIN}, eval_images={EVAL}, "
+        f"image_size={SIZE}, seed=0, shard_rows={SHARD})"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a differently salted hash must not matter
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "again")], check=True, cwd=REPO, env=env)
+    assert _files(tmp_path / "again") == _files(out)
+
+
+def test_different_seed_gives_different_data(dataset, tmp_path):
+    out, result = dataset
+    other = write_scene_dataset(tmp_path, train_images=TRAIN, eval_images=EVAL, image_size=SIZE, seed=1, shard_rows=SHARD)
+    assert Path(other["train_shards"][0]).read_bytes() != Path(result["train_shards"][0]).read_bytes()
+    assert _graphs(tmp_path, "eval") != _graphs(out, "eval")
+
+
+def test_onevision_layout_and_conversations(dataset):
+    out, result = dataset
+    shards = sorted((out / "onevision" / "scenes_caption").glob("*.parquet"))
+    assert [str(p) for p in shards] == result["train_shards"] and len(shards) == 3
+    expected = pa.schema(
+        [
+            ("id", pa.string()),
+            ("image", IMAGE),
+            ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+            ("data_source", pa.string()),
+        ]
+    )
+    rows = []
+    for shard in shards:
+        table = pq.read_table(shard)
+        assert table.schema.remove_metadata().equals(expected)
+        assert table.num_rows <= SHARD
+        rows += table.to_pylist()
+    assert len(rows) == result["train_rows"] == TRAIN
+    assert len({r["id"] for r in rows}) == TRAIN
+    graphs = _graphs(out, "train")
+    for row in rows:
+        assert row["data_source"] == "scenes_caption"
+        assert _decode(row["image"]["bytes"]).size == (SIZE, SIZE)
+        turns = row["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert 2 <= len(turns) // 2 <= 4  # describe + 1-3 questions
+        first, *rest = [t["value"] for t in turns if t["from"] == "human"]
+        assert first.startswith("<image>\n") and first.removeprefix("<image>\n") in DESCRIBE_PROMPTS
+        assert not any("<image>" in t["value"] for t in turns[1:])
+        scene = graphs[row["id"]]
+        assert turns[1]["value"] in _all_captions(scene)
+        for question, answer in zip(turns[2::2], turns[3::2]):
+            assert answer["value"] == oracle(scene, question["value"])
+
+
+def test_eval_scenes_are_distinct_and_held_out(dataset):
+    out, _ = dataset
+    train, held = _graphs(out, "train"), _graphs(out, "eval")
+    assert len(held) == EVAL and len(set(held.values())) == EVAL
+    assert not set(held.values()) & set(train.values())
+    assert all(map(is_held_out, held.values())) and not any(map(is_held_out, train.values()))
+    train_images = {r["image"]["bytes"] for p in (out / "onevision").rglob("*.parquet") for r in pq.read_table(p).to_pylist()}
+    eval_images = {p.read_bytes() for p in (out / "eval" / "pope" / "scenes" / "images").glob("*.png")}
+    assert len(eval_images) == EVAL and not eval_images & train_images
+
+
+def test_retrieval_captions_identify_their_image(dataset):
+    out, result = dataset
+    table = pq.read_table(result["retrieval"])
+    expected = pa.schema([("image", IMAGE), ("caption", pa.list_(pa.string())), ("img_id", pa.string()), ("filename", pa.string())])
+    assert table.schema.remove_metadata().equals(expected)
+    graphs = _graphs(out, "eval")
+    owners: dict[str, set[str]] = {}
+    for img_id, scene in graphs.items():
+        for text in _all_captions(scene):
+            owners.setdefault(text, set()).add(img_id)
+    rows = table.to_pylist()
+    assert len(rows) == EVAL
+    for row in rows:
+        assert row["filename"] == f"{row['img_id']}.png"
+        assert _decode(row["image"]["bytes"]).size == (SIZE, SIZE)
+        assert len(row["caption"]) == len(set(row["caption"])) == 5
+        for text in row["caption"]:
+            assert owners[text] == {row["img_id"]}
+
+
+def test_pope_labels_follow_the_scene_graph(dataset):
+    out, result = dataset
+    pope_dir = out / "eval" / "pope" / "scenes"
+    records = [json.loads(line) for line in Path(result["pope"]).read_text().splitlines()]
+    assert len(records) == result["pope_questions"]
+    assert [r["question_id"] for r in records] == list(range(1, len(records) + 1))
+    graphs = {f"{i}.png": s for i, s in _graphs(out, "eval").items()}
+    assert {r["image"] for r in records} == set(graphs)
+    for r in records:
+        assert set(r) == {"question_id", "image", "text", "label", "category"} and r["category"] == "random"
+        assert r["label"] == oracle(graphs[r["image"]], r["text"])
+        assert _decode((pope_dir / "images" / r["image"]).read_bytes()).size == (SIZE, SIZE)
+    labels = [r["label"] for r in records]
+    assert labels.count("yes") == labels.count("no")
+
+
+def test_mmeb_first_target_is_the_positive(dataset):
+    out, result = dataset
+    expected = pa.schema(
+        [
+            ("qry_inst", pa.string()),
+            ("qry_text", pa.string()),
+            ("qry_img_path", pa.string()),
+            ("tgt_inst", pa.list_(pa.string())),
+            ("tgt_text", pa.list_(pa.string())),
+            ("tgt_img_path", pa.list_(pa.string())),
+        ]
+    )
+    assert result["mmeb_meta_tasks"] == {"i2t": "retrieval", "vqa": "vqa"}
+    graphs = {f"{i}.png": s for i, s in _graphs(out, "eval").items()}
+    images = Path(result["mmeb_images"])
+    for task, path in result["mmeb"].items():
+        table = pq.read_table(path)
+        assert Path(path).name == f"scenes_{task}.parquet"
+        assert table.schema.remove_metadata().equals(expected)
+        rows = table.to_pylist()
+        assert len(rows) == EVAL
+        for row in rows:
+            scene = graphs[row["qry_img_path"]]
+            assert _decode((images / row["qry_img_path"]).read_bytes()).size == (SIZE, SIZE)
+            targets = row["tgt_text"]
+            assert 5 <= len(targets) <= 10 and len(set(targets)) == len(targets)
+            assert len(row["tgt_inst"]) == len(row["tgt_img_path"]) == len(targets)
+            if task == "i2t":
+                own = _all_captions(scene)
+                assert targets[0] in own and not own & set(targets[1:])
+            else:
+                assert targets[0] == oracle(scene, row["qry_text"])
+
+
+def test_corpus_covers_every_word_of_the_data(dataset):
+    out, result = dataset
+    corpus = list(scene_corpus(num_scenes=50))
+    assert corpus == list(scene_corpus(num_scenes=50))
+    vocabulary = {w for text in corpus for w in re.findall(r"\w+", text)}
+    texts = [t["value"].removeprefix("<image>\n") for p in result["train_shards"] for r in pq.read_table(p).to_pylist() for t in r["conversations"]]
+    texts += [c for r in pq.read_table(result["retrieval"]).to_pylist() for c in r["caption"]]
+    for path in result["mmeb"].values():
+        for r in pq.read_table(path).to_pylist():
+            texts += [r["qry_inst"], r["qry_text"], *r["tgt_inst"], *r["tgt_text"]]
+    texts += [json.loads(line)["text"] for line in Path(result["pope"]).read_text().splitlines()]
+    assert {w for text in texts for w in re.findall(r"\w+", text)} <= vocabulary
+    assert set(COLOURS) | set(KINDS) <= vocabulary
