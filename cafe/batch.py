@@ -186,27 +186,23 @@ class Collator:
             else:
                 rows.append([u])
                 fill.append(len(units[u]))
-        shape = (len(rows), capacity)
         pad_id = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full(shape, pad_id, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
-        unit_ids = torch.full(shape, -1, dtype=torch.long)
-        branch = torch.zeros(shape, dtype=torch.long)
-        feature_index = torch.full(shape, -1, dtype=torch.long)
-        lm_targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        padding = (pad_id, 0, TRUNK, -1, IGNORE_INDEX)
+        columns: list[list[tuple]] = []
+        unit_of: list[list[int]] = []
         unit_start = {}
         for r, members in enumerate(rows):
-            col = 0
+            row: list[tuple] = []
+            owners: list[int] = []
             for u in members:
-                unit_start[u] = r * capacity + col
-                for k, (tok, pos, br, feat, tgt) in enumerate(units[u]):
-                    input_ids[r, col + k] = tok
-                    position_ids[r, col + k] = pos
-                    unit_ids[r, col + k] = u
-                    branch[r, col + k] = br
-                    feature_index[r, col + k] = feat
-                    lm_targets[r, col + k] = tgt
-                col += len(units[u])
+                unit_start[u] = r * capacity + len(row)
+                row += units[u]
+                owners += [u] * len(units[u])
+            columns.append(row + [padding] * (capacity - len(row)))
+            unit_of.append(owners + [-1] * (capacity - len(owners)))
+        packed = torch.tensor(columns, dtype=torch.long)  # (rows, capacity, 5)
+        input_ids, position_ids, branch, feature_index, lm_targets = packed.unbind(-1)
+        unit_ids = torch.tensor(unit_of, dtype=torch.long)
         emb_last, emb_positions, emb_owner = [], [], []
         for e, (u, span) in enumerate(zip(emb_units, emb_spans)):
             flat = [unit_start[u] + k for k in span]
@@ -214,12 +210,12 @@ class Collator:
             emb_positions += flat
             emb_owner += [e] * len(flat)
         return PackedBatch(
-            input_ids=input_ids,
-            position_ids=position_ids,
+            input_ids=input_ids.contiguous(),
+            position_ids=position_ids.contiguous(),
             unit=unit_ids,
-            branch=branch,
-            feature_index=feature_index,
-            lm_targets=lm_targets,
+            branch=branch.contiguous(),
+            feature_index=feature_index.contiguous(),
+            lm_targets=lm_targets.contiguous(),
             emb_last=torch.tensor(emb_last, dtype=torch.long),
             emb_positions=torch.tensor(emb_positions, dtype=torch.long),
             emb_owner=torch.tensor(emb_owner, dtype=torch.long),
