@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 from pipelines.scenes import (
+    CAPTION_TEMPLATES,
     COLOURS,
     DESCRIBE_PROMPTS,
     KINDS,
@@ -23,7 +25,6 @@ from pipelines.scenes import (
     Scene,
     Shape,
     caption,
-    CAPTION_TEMPLATES,
     is_held_out,
     make_scene,
     render_scene,
@@ -39,7 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("scenes")
-    return out, write_scene_dataset(out, train_images=TRAIN, eval_images=EVAL, image_size=SIZE, seed=0, shard_rows=SHARD)
+    return out, _write(out, seed=0)
+
+
+def _write(out: Path, seed: int) -> dict:
+    return write_scene_dataset(out, train_images=TRAIN, eval_images=EVAL, image_size=SIZE, seed=seed, shard_rows=SHARD)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -49,6 +54,10 @@ def _files(root: Path) -> dict[str, bytes]:
 def _graphs(out: Path, split: str) -> dict[str, Scene]:
     lines = (out / "scene_graphs" / f"{split}.jsonl").read_text().splitlines()
     return {row["id"]: Scene.from_dict(row) for row in map(json.loads, lines)}
+
+
+def _rows(path: str | Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -63,7 +72,8 @@ def _all_captions(scene: Scene) -> set[str]:
 
 
 # An oracle written independently of the generator: it re-derives every answer from the graph.
-_AT = {("in the center" if p == "center" else f"on the {p}" if p in ("left", "right") else f"at the {p}"): p for p in POSITIONS}
+_AT = {"on the left": "left", "on the right": "right", "in the center": "center"}
+_AT |= {f"at the {p}": p for p in POSITIONS if p not in _AT.values()}
 
 
 def _only(shapes: list[Shape]) -> Shape:
@@ -74,6 +84,10 @@ def _only(shapes: list[Shape]) -> Shape:
 def oracle(scene: Scene, question: str) -> str:
     shapes = list(scene.shapes)
     at = {s.position: s for s in shapes}
+
+    def objects(c: str, k: str) -> list[Shape]:
+        return [s for s in shapes if (s.colour, s.kind) == (c, k)]
+
     rules = [
         (r"How many shapes are there\?", lambda: str(len(shapes))),
         (r"How many (\w+)s are there\?", lambda k: str(sum(s.kind == k for s in shapes))),
@@ -81,9 +95,9 @@ def oracle(scene: Scene, question: str) -> str:
         (r"What shape is (.+)\?", lambda p: at[_AT[p]].kind),
         (r"What is (.+)\?", lambda p: f"a {at[_AT[p]].size} {at[_AT[p]].colour} {at[_AT[p]].kind}"),
         (r"What color is the (\w+)\?", lambda k: _only([s for s in shapes if s.kind == k]).colour),
-        (r"Where is the (\w+) (\w+)\?", lambda c, k: _only([s for s in shapes if (s.colour, s.kind) == (c, k)]).position),
-        (r"Is the (\w+) (\w+) large or small\?", lambda c, k: _only([s for s in shapes if (s.colour, s.kind) == (c, k)]).size),
-        (r"Is there a (\w+) (\w+) in the image\?", lambda c, k: "yes" if any((s.colour, s.kind) == (c, k) for s in shapes) else "no"),
+        (r"Where is the (\w+) (\w+)\?", lambda c, k: _only(objects(c, k)).position),
+        (r"Is the (\w+) (\w+) large or small\?", lambda c, k: _only(objects(c, k)).size),
+        (r"Is there a (\w+) (\w+) in the image\?", lambda c, k: "yes" if objects(c, k) else "no"),
     ]
     for pattern, answer in rules:
         if match := re.fullmatch(pattern, question):
@@ -108,10 +122,8 @@ def test_captions_name_every_shape():
 @pytest.mark.parametrize("kind", KINDS)
 def test_shapes_stay_inside_their_cell(kind):
     """Shapes never overlap: every drawn pixel lies in the shape's own grid cell."""
-    import random
-
     size, rng = 96, random.Random(0)
-    for index, position in enumerate(POSITIONS):
+    for index, position in [*enumerate(POSITIONS)] * 5:  # several draws of the random jitter
         image = render_scene(make_scene([Shape(kind, "red", "large", position)]), size=size, rng=rng)
         left, top, right, bottom = Image.eval(image.convert("L"), lambda v: 255 if v < 200 else 0).getbbox()
         row, col = divmod(index, 3)
@@ -134,7 +146,7 @@ def test_same_seed_gives_identical_files_across_processes(dataset, tmp_path):
 
 def test_different_seed_gives_different_data(dataset, tmp_path):
     out, result = dataset
-    other = write_scene_dataset(tmp_path, train_images=TRAIN, eval_images=EVAL, image_size=SIZE, seed=1, shard_rows=SHARD)
+    other = _write(tmp_path, seed=1)
     assert Path(other["train_shards"][0]).read_bytes() != Path(result["train_shards"][0]).read_bytes()
     assert _graphs(tmp_path, "eval") != _graphs(out, "eval")
 
@@ -181,7 +193,7 @@ def test_eval_scenes_are_distinct_and_held_out(dataset):
     assert len(held) == EVAL and len(set(held.values())) == EVAL
     assert not set(held.values()) & set(train.values())
     assert all(map(is_held_out, held.values())) and not any(map(is_held_out, train.values()))
-    train_images = {r["image"]["bytes"] for p in (out / "onevision").rglob("*.parquet") for r in pq.read_table(p).to_pylist()}
+    train_images = {r["image"]["bytes"] for p in (out / "onevision").rglob("*.parquet") for r in _rows(p)}
     eval_images = {p.read_bytes() for p in (out / "eval" / "pope" / "scenes" / "images").glob("*.png")}
     assert len(eval_images) == EVAL and not eval_images & train_images
 
@@ -189,7 +201,9 @@ def test_eval_scenes_are_distinct_and_held_out(dataset):
 def test_retrieval_captions_identify_their_image(dataset):
     out, result = dataset
     table = pq.read_table(result["retrieval"])
-    expected = pa.schema([("image", IMAGE), ("caption", pa.list_(pa.string())), ("img_id", pa.string()), ("filename", pa.string())])
+    expected = pa.schema(
+        [("image", IMAGE), ("caption", pa.list_(pa.string())), ("img_id", pa.string()), ("filename", pa.string())]
+    )
     assert table.schema.remove_metadata().equals(expected)
     graphs = _graphs(out, "eval")
     owners: dict[str, set[str]] = {}
@@ -261,10 +275,11 @@ def test_corpus_covers_every_word_of_the_data(dataset):
     corpus = list(scene_corpus(num_scenes=50))
     assert corpus == list(scene_corpus(num_scenes=50))
     vocabulary = {w for text in corpus for w in re.findall(r"\w+", text)}
-    texts = [t["value"].removeprefix("<image>\n") for p in result["train_shards"] for r in pq.read_table(p).to_pylist() for t in r["conversations"]]
-    texts += [c for r in pq.read_table(result["retrieval"]).to_pylist() for c in r["caption"]]
+    turns = [t for p in result["train_shards"] for r in _rows(p) for t in r["conversations"]]
+    texts = [t["value"].removeprefix("<image>\n") for t in turns]
+    texts += [c for r in _rows(result["retrieval"]) for c in r["caption"]]
     for path in result["mmeb"].values():
-        for r in pq.read_table(path).to_pylist():
+        for r in _rows(path):
             texts += [r["qry_inst"], r["qry_text"], *r["tgt_inst"], *r["tgt_text"]]
     texts += [json.loads(line)["text"] for line in Path(result["pope"]).read_text().splitlines()]
     assert {w for text in texts for w in re.findall(r"\w+", text)} <= vocabulary
