@@ -41,7 +41,7 @@ class DataConfig:
     dataset_yaml: str = ""  # subset selection; empty: every shard under raw_dir
     train_dir: str = "runs/demo/train"  # training Parquet written by pipelines
     quarantine_dir: str = "runs/demo/quarantine"
-    eval_dir: str = "runs/demo/eval"  # held-out evaluation files in public layouts
+    eval_dir: str = "runs/demo/raw/eval"  # held-out evaluation files in public layouts (scenes write them here)
     max_text_tokens: int = 384
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
 
@@ -75,6 +75,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 1
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0: only the final one
     max_failures: int = 0
 
 
@@ -183,3 +184,8 @@ def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def to_yaml(config: ExperimentConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def config_from_dict(raw: dict) -> ExperimentConfig:
+    """Rebuild (and re-validate) a config from `dataclasses.asdict` output, e.g. on a worker."""
+    return _build(ExperimentConfig, raw)

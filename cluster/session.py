@@ -1,0 +1,24 @@
+"""Connecting to Ray: an existing cluster when one is named, else an in-process one on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+from cafe.config import ExperimentConfig
+
+
+def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
+    """`address` (or RAY_ADDRESS, as set by `ray job submit`) joins a running cluster; otherwise
+    Ray starts in this process. Locally, logical CPUs cover every train worker plus the data
+    and evaluation tasks, so on a 2-core laptop neither side waits forever for the other."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    needed = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.eval.num_actors * cfg.eval.cpus_per_actor + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}})

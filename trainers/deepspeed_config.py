@@ -1,0 +1,24 @@
+"""DeepSpeed config for a run, derived from the typed TrainConfig (one source of truth)."""
+from __future__ import annotations
+
+from cafe.config import TrainConfig
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
+    """Batching is done by the collator (packed rows), so DeepSpeed sees one micro-batch per
+    step; its batch fields must still agree with the world size or it refuses to start."""
+    config = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": train.batch_size * world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.use_gpu},
+        "steps_per_print": 10**9,  # progress goes to MLflow, not stdout
+        "wall_clock_breakdown": False,
+    }
+    if train.zero_stage == 3:
+        config["zero_optimization"].update(
+            {"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0}
+        )
+    return config

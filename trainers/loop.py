@@ -1,0 +1,166 @@
+"""The per-worker training loop: stream this worker's shard, run the CAFe step under DeepSpeed,
+log from rank 0, report checkpoints to Ray Train (HF export + DeepSpeed state for resume)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from cafe.batch import Collator
+from cafe.config import ExperimentConfig, config_from_dict
+from cafe.losses import CafeLoss, ContrastiveLoss
+from cafe.model import CafeModel, load_vlm
+from cafe.records import example_from_row
+from trainers.deepspeed_config import deepspeed_config
+from trainers.tracking import log_metrics
+
+HF_EXPORT_DIR = "hf"  # inside every reported checkpoint: a from_pretrained-ready model
+DEEPSPEED_DIR = "deepspeed"  # engine + optimizer state, for resuming
+STATE_FILE = "cafe_state.json"
+
+
+def lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_model(cfg: ExperimentConfig, dtype: torch.dtype) -> tuple[CafeModel, object]:
+    vlm, processor = load_vlm(cfg.model.checkpoint, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    if cfg.model.gradient_checkpointing:
+        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss = cfg.loss
+    contrastive = ContrastiveLoss(kind=loss.contrastive, temperature=loss.temperature, learnable=loss.learnable_temperature)
+    cafe_loss = CafeLoss(compute_language_loss=loss.compute_language_loss, compute_contrastive_loss=loss.compute_contrastive_loss,
+                         alpha_lm=loss.alpha_lm, con_weight=loss.con_weight, contrastive=contrastive)
+    return CafeModel(vlm, cafe_loss, emb_type=loss.emb_type), processor
+
+
+def param_groups(model: CafeModel, cfg: ExperimentConfig) -> list[dict]:
+    temperature = [p for p in model.loss.parameters() if p.requires_grad]
+    ids = {id(p) for p in temperature}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}]
+    if temperature:
+        groups.append({"params": temperature, "lr": cfg.train.temperature_lr, "weight_decay": 0.0})
+    return groups
+
+
+def export_hf(engine, model: CafeModel, processor, out_dir: Path, zero_stage: int, rank: int) -> None:
+    """Write a from_pretrained-ready copy. Under ZeRO-3 every rank must join the gather."""
+    import deepspeed
+
+    params = list(model.parameters())
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else _null()
+    with context:
+        if rank == 0:
+            model.vlm.save_pretrained(out_dir)
+            processor.save_pretrained(out_dir)
+            (out_dir / STATE_FILE).write_text(json.dumps({"temperature": model.loss.contrastive.temperature}))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = config_from_dict(loop_config["config"])
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.use_gpu else "cpu")
+    import deepspeed  # on workers only, after DS_ACCELERATOR is set: it picks its accelerator at import
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if cfg.train.use_gpu else torch.float32
+    ds_config = deepspeed_config(cfg.train, world)
+    if cfg.train.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - partitions weights during from_pretrained
+    model, processor = build_model(cfg, dtype)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr)
+    total_steps = loop_config["total_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    step = 0
+    resume = ray.train.get_checkpoint()
+    if resume:
+        with resume.as_directory() as ckpt:
+            engine.load_checkpoint(str(Path(ckpt) / DEEPSPEED_DIR))
+            step = json.loads((Path(ckpt) / STATE_FILE).read_text())["step"]
+
+    collator = Collator(processor, compute_language_loss=cfg.loss.compute_language_loss,
+                        compute_contrastive_loss=cfg.loss.compute_contrastive_loss, max_text_tokens=cfg.data.max_text_tokens)
+    shard = ray.train.get_dataset_shard("train")
+    tracking_uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
+    last_metrics: dict[str, float] = {}
+    checkpoint_every = loop_config["checkpoint_every"]
+    while step < total_steps:
+        steps_before = step
+        for rows in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True,
+                                       prefetch_batches=2):
+            started = time.perf_counter()
+            examples = [example_from_row(r, multimodal_input=cfg.loss.multimodal_input) for r in rows.to_pylist()]
+            batch = collator(examples).to(device, dtype)
+            terms = engine(batch, rank=rank, world_size=world)
+            engine.backward(terms.objective)
+            engine.step()
+            step += 1
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                seconds = time.perf_counter() - started
+                last_metrics = _step_metrics(terms, engine, model, seconds, len(examples) * world, world)
+                if rank == 0:
+                    log_metrics(tracking_uri, run_id, last_metrics, step=step)
+            if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+                _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=False)
+            if step >= total_steps:
+                break
+        if step == steps_before:
+            raise RuntimeError(f"worker {rank} got no full batch of {cfg.train.batch_size} rows from its shard")
+    _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=True)
+
+
+def _step_metrics(terms, engine, model: CafeModel, seconds: float, samples: int, world: int) -> dict[str, float]:
+    values = torch.stack([t.detach().float() if t is not None else torch.tensor(float("nan"))
+                          for t in (terms.loss, terms.lm_loss, terms.con_loss)]).cpu()
+    if world > 1:  # the LM loss is a per-rank mean: average it (contrastive is global already)
+        dist.all_reduce(values)
+        values /= world
+    metrics = {"train/loss": values[0].item(), "train/lr": engine.get_lr()[0], "train/samples_per_s": samples / seconds,
+               "train/temperature": model.loss.contrastive.temperature}
+    if terms.lm_loss is not None:
+        metrics["train/lm_loss"] = values[1].item()
+    if terms.con_loss is not None:
+        metrics["train/con_loss"] = values[2].item()
+    return metrics
+
+
+def _report_checkpoint(engine, model, processor, cfg: ExperimentConfig, rank: int, step: int, metrics: dict,
+                       *, export: bool) -> None:
+    """Every rank saves its DeepSpeed shard into its own folder and reports it; Ray Train merges
+    them into one checkpoint. The final one also carries the HF export (rank 0)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag="state")
+        if export:
+            export_hf(engine, model, processor, tmp / HF_EXPORT_DIR, cfg.train.zero_stage, rank)
+        if rank == 0:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "temperature": model.loss.contrastive.temperature}))
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:07d}")

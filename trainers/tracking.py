@@ -1,0 +1,58 @@
+"""MLflow bookkeeping. The driver creates (or, on a relaunch, finds) the run and hands its id
+to the workers; rank 0 logs to it by id, so no worker depends on an active-run context."""
+from __future__ import annotations
+
+import time
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+RUN_KEY_TAG = "cafe.run_key"
+
+
+def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, *, run_name: str | None = None,
+                      parent_run_id: str | None = None, params: dict | None = None) -> str:
+    """The run whose `cafe.run_key` tag is `run_key`, created if absent. A relaunch of the same
+    run continues it, and refuses params that differ from the first launch's."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    query = f"tags.`{RUN_KEY_TAG}` = '{run_key}'"
+    existing = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    tags = {RUN_KEY_TAG: run_key}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id, run_name=run_name or run_key, tags=tags).info.run_id
+    if params:
+        log_params(client, run_id, params)
+    return run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    logged = client.get_run(run_id).data.params
+    fresh = []
+    for key, value in params.items():
+        text = str(value)[:MAX_PARAM_VAL_LENGTH]
+        if key in logged:
+            if logged[key] != text:
+                raise ValueError(f"run {run_id} was launched with {key}={logged[key]!r}; this launch has {text!r}. "
+                                 "Use a new run name to change it.")
+            continue
+        fresh.append(Param(key, text))
+    for start in range(0, len(fresh), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=fresh[start : start + 100])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
