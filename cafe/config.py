@@ -114,7 +114,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _build(hint, value, key)
     if origin is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
+        if not any(value == c and type(value) is type(c) for c in choices):  # True is not 1
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value
     if origin is list:
@@ -126,7 +126,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key}: unions are not supported in configs")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is bool and not isinstance(value, bool) or not isinstance(value, hint):
+    if isinstance(value, bool) and hint is not bool or not isinstance(value, hint):  # bool is an int subclass
         raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
 

@@ -54,16 +54,26 @@ class ContrastiveLoss(nn.Module):
     def temperature(self) -> float:
         return float(torch.exp(-self.log_scale.detach()))
 
-    def forward(self, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """`query` and `target`: (N, D) L2-normalised embeddings, row i of each is a pair."""
-        scale = self.log_scale.exp()
+    def forward(self, query: torch.Tensor, target: torch.Tensor, *, param_grad_scale: float = 1.0) -> torch.Tensor:
+        """`query` and `target`: (N, D) L2-normalised embeddings, row i of each is a pair.
+
+        `param_grad_scale` multiplies the gradient reaching this module's own (learnable)
+        temperature and bias without changing the value."""
+        scale = _scale_grad(self.log_scale, param_grad_scale).exp()
         logits = scale * query.float() @ target.float().T
         n = logits.shape[0]
         if self.kind == "infonce":
             labels = torch.arange(n, device=logits.device)
             return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         signs = 2 * torch.eye(n, device=logits.device) - 1
-        return -F.logsigmoid(signs * (logits + self.bias)).sum() / n
+        return -F.logsigmoid(signs * (logits + _scale_grad(self.bias, param_grad_scale))).sum() / n
+
+
+def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """`x` in the forward pass (exactly), `factor` times the gradient in the backward pass."""
+    if factor == 1.0:
+        return x
+    return x.detach() + (x - x.detach()) * factor
 
 
 @dataclass(slots=True)
@@ -97,7 +107,10 @@ class CafeLoss(nn.Module):
         if self.compute_language_loss:
             loss = objective = self.alpha_lm * lm_loss
         if self.compute_contrastive_loss:
-            con = self.contrastive(gather_features(query, rank, world_size), gather_features(target, rank, world_size))
+            # The temperature (and bias) is replicated: each rank already gets its full gradient,
+            # so it is divided by world_size here to stay exact after the scaling below.
+            con = self.contrastive(gather_features(query, rank, world_size), gather_features(target, rank, world_size),
+                                   param_grad_scale=1.0 / world_size)
             weighted = self.con_weight * con
             # Every rank holds the full global contrastive loss but only its own samples'
             # gradient; data-parallel averaging divides by world_size, so scale it back up.
