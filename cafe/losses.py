@@ -76,9 +76,10 @@ def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x.detach() + (x - x.detach()) * factor
 
 
-@dataclass(slots=True)
+@dataclass
 class LossTerms:
-    """What one CAFe step reports. `objective` is what is back-propagated."""
+    """What one CAFe step reports. `objective` is what is back-propagated. (No slots: ZeRO-3's
+    forward hooks read module outputs through `vars()`.)"""
 
     objective: torch.Tensor
     loss: torch.Tensor

@@ -87,6 +87,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if cfg.train.use_gpu else torch.float32
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")  # joins Ray's process group
     ds_config = deepspeed_config(cfg.train, world)
     if cfg.train.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
