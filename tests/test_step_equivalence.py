@@ -5,47 +5,12 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cafe.batch import Collator, Example
 from cafe.losses import CafeLoss, ContrastiveLoss
 from cafe.model import CafeModel, load_vlm
-from cafe.prompts import IGNORE_INDEX
+from cafe.reference import three_pass_inputs, three_pass_step
 from tests.conftest import random_image
-
-
-def pad(seqs, value):
-    width = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
-
-
-def full_pass(vlm, processor, sequences, image_groups, *, labels=False, emb_type="last"):
-    """One plain forward of the full model over right-padded sequences."""
-    ids = pad([s[0] for s in sequences], processor.tokenizer.pad_token_id)
-    attention = pad([[1] * len(s[0]) for s in sequences], 0)
-    kwargs = {}
-    flat = [img for g in image_groups for img in g]
-    if flat:
-        pixels = processor.image_processor(images=flat, return_tensors="pt")
-        kwargs = dict(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
-                      batch_num_images=torch.tensor([len(g) for g in image_groups if g]))
-    if labels:
-        kwargs["labels"] = pad([s[1] for s in sequences], IGNORE_INDEX)
-    out = vlm(input_ids=ids, attention_mask=attention, output_hidden_states=True, **kwargs)
-    hidden = out.hidden_states[-1]
-    if emb_type == "last":
-        return out, hidden[torch.arange(len(sequences)), attention.sum(1) - 1]
-    return out, (hidden * attention[..., None]).sum(1) / attention.sum(1, keepdim=True)
-
-
-def three_pass_losses(model: CafeModel, processor, examples, batch):
-    convs = [entry["conversation"] for entry in batch.sequences]
-    lm = full_pass(model.vlm, processor, convs, [ex.images for ex in examples], labels=True)[0].loss
-    pooling = dict(emb_type=model.emb_type)
-    _, q = full_pass(model.vlm, processor, [e["query"] for e in batch.sequences], [ex.images for ex in examples], **pooling)
-    _, t = full_pass(model.vlm, processor, [e["target"] for e in batch.sequences], [ex.target_images for ex in examples], **pooling)
-    terms = model.loss(lm_loss=lm, query=F.normalize(q.float(), dim=-1), target=F.normalize(t.float(), dim=-1))
-    return terms
 
 
 def make_examples(seed, *, multimodal):
@@ -83,7 +48,7 @@ def test_packed_step_matches_three_pass(tiny_checkpoint, emb_type, multimodal):
     fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
-    ref = three_pass_losses(model, processor, examples, batch)
+    ref = three_pass_step(model, three_pass_inputs(processor, examples, batch))
     ref.objective.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
