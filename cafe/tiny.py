@@ -1,4 +1,5 @@
-"""A tiny random-initialised LLaVA-OneVision checkpoint built offline.
+"""Random-initialised LLaVA-OneVision checkpoints built offline (the tiny default, and real
+sizes such as 0.5b for speed measurements).
 
 Real HF classes end to end (SigLIP vision tower, Qwen2 language model, LLaVA-OneVision
 processor with a locally trained byte-level BPE tokenizer), saved with `save_pretrained`, so
@@ -23,29 +24,45 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from cafe.prompts import CHAT_TEMPLATE, IMAGE_TOKEN, VIDEO_TOKEN
+from cafe.prompts import (CHAT_TEMPLATE, IMAGE_EMBED_INSTRUCTION, IMAGE_TOKEN, SYSTEM_PROMPT, TEXT_EMBED_INSTRUCTION,
+                          VIDEO_TOKEN)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, VIDEO_TOKEN]
 
 
 @dataclass(kw_only=True, slots=True)
 class TinySpec:
-    """Sizes of the tiny model; defaults build in about a second on one CPU core."""
+    """Model sizes; the defaults are the tiny model (builds in about a second on one core)."""
 
-    vocab_size: int = 512
+    vocab_size: int = 512  # tokenizer vocabulary trained on the corpus
+    model_vocab_size: int = 0  # embedding rows, 0: the tokenizer's (a real size makes logits cost real)
     image_size: int = 64
     patch_size: int = 8
     vision_hidden: int = 64
+    vision_intermediate: int = 128
     vision_layers: int = 2
+    vision_heads: int = 2
     text_hidden: int = 96
+    text_intermediate: int = 192
     text_layers: int = 2
     text_heads: int = 4
     text_kv_heads: int = 2
+    crops_wide: int = 1  # anyres grid: one base view plus up to this many crops side by side
     seed: int = 0
 
 
+PRESETS = {
+    "tiny": TinySpec(),
+    # SigLIP-so400m + Qwen2-0.5B shapes, as in llava-onevision-qwen2-0.5b
+    "0.5b": TinySpec(model_vocab_size=151936, image_size=384, patch_size=14, vision_hidden=1152,
+                     vision_intermediate=4304, vision_layers=26, vision_heads=16, text_hidden=896,
+                     text_intermediate=4864, text_layers=24, text_heads=14, text_kv_heads=2),
+}
+
+
 def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on `corpus`; every byte is in the alphabet, so any text encodes."""
+    """Byte-level BPE trained on `corpus` plus the fixed prompt text (so the chat scaffolding
+    costs few tokens, as with a real tokenizer); every byte is in the alphabet, so any text encodes."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -55,7 +72,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer=trainer)
+    scaffolding = [SYSTEM_PROMPT, IMAGE_EMBED_INSTRUCTION, TEXT_EMBED_INSTRUCTION, "system user assistant\n"] * 50
+    tok.train_from_iterator([*scaffolding, *corpus], trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -65,29 +83,27 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     )
 
 
-def build_tiny_checkpoint(out_dir: str | Path, corpus: Iterable[str], spec: TinySpec | None = None) -> Path:
-    """Write a random-initialised LLaVA-OneVision checkpoint + processor into `out_dir`."""
-    spec = spec or TinySpec()
-    out_dir = Path(out_dir)
+def build_random_model(corpus: Iterable[str], spec: TinySpec) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
+    """A random-initialised model and its processor, in memory."""
     tokenizer = train_tokenizer(corpus, spec.vocab_size)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
     vision = SiglipVisionConfig(
         hidden_size=spec.vision_hidden,
-        intermediate_size=2 * spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
         num_hidden_layers=spec.vision_layers,
-        num_attention_heads=2,
+        num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
     )
     text = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(spec.model_vocab_size, len(tokenizer)),
         hidden_size=spec.text_hidden,
-        intermediate_size=2 * spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_kv_heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=32768,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -99,7 +115,7 @@ def build_tiny_checkpoint(out_dir: str | Path, corpus: Iterable[str], spec: Tiny
         video_token_id=video_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[spec.image_size, spec.image_size]],
+        image_grid_pinpoints=[[spec.image_size, spec.image_size * k] for k in range(1, spec.crops_wide + 1)],
         tie_word_embeddings=True,
     )
     torch.manual_seed(spec.seed)
@@ -119,6 +135,13 @@ def build_tiny_checkpoint(out_dir: str | Path, corpus: Iterable[str], spec: Tiny
         vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE,
     )
+    return model, processor
+
+
+def build_tiny_checkpoint(out_dir: str | Path, corpus: Iterable[str], spec: TinySpec | None = None) -> Path:
+    """Write a random-initialised LLaVA-OneVision checkpoint + processor into `out_dir`."""
+    model, processor = build_random_model(corpus, spec or TinySpec())
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
