@@ -189,3 +189,28 @@ def to_yaml(config: ExperimentConfig) -> str:
 def config_from_dict(raw: dict) -> ExperimentConfig:
     """Rebuild (and re-validate) a config from `dataclasses.asdict` output, e.g. on a worker."""
     return _build(ExperimentConfig, raw)
+
+
+PATH_FIELDS = ("output_dir", "model.checkpoint", "data.raw_dir", "data.dataset_yaml", "data.train_dir",
+               "data.quarantine_dir", "data.eval_dir")
+
+
+def with_absolute_paths(config: ExperimentConfig, base: str | Path | None = None) -> ExperimentConfig:
+    """Local paths (and a relative SQLite tracking store) made absolute against `base` (default:
+    the working directory), so Ray workers, whose working directory differs, see the same files.
+    URIs such as s3:// are left as they are."""
+    base = Path(base or Path.cwd())
+    config = dataclasses.replace(config)
+    for dotted in PATH_FIELDS:
+        *parents, leaf = dotted.split(".")
+        owner = config
+        for part in parents:
+            setattr(owner, part, dataclasses.replace(getattr(owner, part)))
+            owner = getattr(owner, part)
+        value = getattr(owner, leaf)
+        if value and "://" not in value and not Path(value).is_absolute():
+            setattr(owner, leaf, str(base / value))
+    uri = config.tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        config.tracking = dataclasses.replace(config.tracking, tracking_uri=f"sqlite:///{base / uri[len('sqlite:///'):]}")
+    return config

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from cafe.config import ConfigError, load_config
+from cafe.config import ConfigError, load_config, with_absolute_paths
 
 COMMANDS = {
     "demo": "the whole flow on the embedded default: scenes, data, training, evaluation",
@@ -36,7 +36,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = with_absolute_paths(load_config(args.config, args.set))
     except (ConfigError, OSError) as err:
         print(f"cafe: config error: {err}", file=sys.stderr)
         return 2
