@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# MLflow tracking server for a cluster: runs from every node log here. Binds 127.0.0.1 unless
+# CAFE_BIND_HOST says otherwise (put it behind your own auth proxy before exposing it).
+set -euo pipefail
+HOST="${CAFE_BIND_HOST:-127.0.0.1}"
+STORE="${MLFLOW_BACKEND_STORE_URI:-sqlite:///mlflow.db}"
+ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-./mlartifacts}"
+exec "${MLFLOW:-.venv/bin/mlflow}" server --host "$HOST" --port "${MLFLOW_PORT:-5000}" \
+  --backend-store-uri "$STORE" --artifacts-destination "$ARTIFACTS" "$@"
