@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cafe.schema import QUARANTINE_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, TRAIN_SCHEMA
-from pipelines import ingest
+from pipelines import units
 from pipelines.ingest import PipelineError, PipelineOptions, run_pipeline
 from pipelines.onevision import write_onevision_shard
 from pipelines.records import Rejected, check_conversation, normalise_conversation, prepare_image
@@ -340,14 +340,14 @@ def test_failed_run_leaves_previous_output(tmp_path, monkeypatch):
     options = PipelineOptions(executor="local", rows_per_shard=2)
     run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"), options=options)
     before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
-    real_write = ingest._write
+    real_write = units._write
 
     def flaky_write(records, schema, uri, *args):
         if uri.endswith("00001.parquet"):
             raise OSError("disk full")
         return real_write(records, schema, uri, *args)
 
-    monkeypatch.setattr(ingest, "_write", flaky_write)
+    monkeypatch.setattr(units, "_write", flaky_write)
     with pytest.raises(PipelineError, match="disk full"):
         run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"), options=options)
     assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
@@ -356,13 +356,13 @@ def test_failed_run_leaves_previous_output(tmp_path, monkeypatch):
 
 def test_unreadable_chunk_is_quarantined_by_position(tmp_path, monkeypatch):
     write_onevision_shard([ov_row(str(i), fv(ASK, ANSWER), jpeg()) for i in range(5)], str(tmp_path / "in" / "s" / "a.parquet"))
-    real_load = ingest._load_rows
+    real_load = units._load_rows
     def load_rows(unit, storage):
         if unit.row_start:  # every chunk but the first
             raise OSError("bad page")
         return real_load(unit, storage)
 
-    monkeypatch.setattr(ingest, "_load_rows", load_rows)
+    monkeypatch.setattr(units, "_load_rows", load_rows)
     options = PipelineOptions(executor="local", rows_per_shard=2)
     summary = run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"), options=options)
     assert (summary.read, summary.written, summary.quarantined_by_reason) == (5, 2, {"unreadable_source": 3})
