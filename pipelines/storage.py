@@ -10,6 +10,7 @@ before the environment was set still get the same filesystem.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -162,9 +163,10 @@ class Storage:
             return
         if fs.get_file_info(dst).type != pafs.FileType.NotFound:
             fs.delete_dir(dst)
-        for info in fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True)):
-            if info.type == pafs.FileType.File:
-                fs.copy_file(info.path, dst + info.path[len(src):])
+        files = [i.path for i in fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
+                 if i.type == pafs.FileType.File]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:  # server-side copies
+            list(pool.map(lambda path: fs.copy_file(path, dst + path[len(src):]), files))
         fs.delete_dir(src)
 
 
