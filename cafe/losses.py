@@ -41,8 +41,9 @@ class ContrastiveLoss(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.kind = kind
-        log_scale = torch.tensor(math.log(1.0 / temperature))
-        bias = torch.tensor(sigmoid_bias)
+        # shape (1,), not a scalar: DeepSpeed's broadcast of 0-dim parameters fails under gloo
+        log_scale = torch.tensor([math.log(1.0 / temperature)])
+        bias = torch.tensor([sigmoid_bias])
         if learnable:
             self.log_scale = nn.Parameter(log_scale)
             self.bias = nn.Parameter(bias) if kind == "sigmoid" else None
@@ -52,7 +53,7 @@ class ContrastiveLoss(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return float(torch.exp(-self.log_scale.detach()))
+        return float(torch.exp(-self.log_scale.detach()).sum())
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, *, param_grad_scale: float = 1.0) -> torch.Tensor:
         """`query` and `target`: (N, D) L2-normalised embeddings, row i of each is a pair.
