@@ -14,7 +14,7 @@ TRAIN_SCHEMA = pa.schema(
         pa.field("image", pa.binary()),  # encoded image bytes (JPEG/PNG); null for text-only rows
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
-        # JSON list of {"role": "user"|"assistant", "content": str}; the image token is in the text
+        # JSON list of {"role": "system"|"user"|"assistant", "content": str}; the image token is in the text
         pa.field("conversations", pa.string(), nullable=False),
         pa.field("pair_text", pa.string(), nullable=False),  # contrastive target for the image
         # multimodal_input rows (MMEB-style): query = user turn, target = assistant turn
