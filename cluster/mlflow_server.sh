@@ -5,5 +5,5 @@ set -euo pipefail
 HOST="${CAFE_BIND_HOST:-127.0.0.1}"
 STORE="${MLFLOW_BACKEND_STORE_URI:-sqlite:///mlflow.db}"
 ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-./mlartifacts}"
-exec "${MLFLOW:-.venv/bin/mlflow}" server --host "$HOST" --port "${MLFLOW_PORT:-5000}" \
+exec "$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/mlflow" server --host "$HOST" --port "${MLFLOW_PORT:-5000}" \
   --backend-store-uri "$STORE" --artifacts-destination "$ARTIFACTS" "$@"
