@@ -30,3 +30,16 @@ def random_image(rng: random.Random, width: int, height: int) -> Image.Image:
         x, y = rng.randrange(width), rng.randrange(height)
         img.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, min(width, x + 20), min(height, y + 20)))
     return img
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    if started:
+        ray.shutdown()

@@ -30,19 +30,6 @@ REQUIRED_REASONS = {
 OPTIONS = dict(max_image_pixels=10_000, max_text_chars=2_000, rows_per_shard=4)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def encode(img: Image.Image, fmt: str) -> bytes:
     out = io.BytesIO()
     img.save(out, format=fmt)
