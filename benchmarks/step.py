@@ -15,9 +15,10 @@ import time
 import torch
 from PIL import Image
 
+from cafe.attention import plan_packed_attention
 from cafe.batch import Collator, Example
 from cafe.losses import CafeLoss
-from cafe.model import CafeModel, packed_attention_mask
+from cafe.model import CafeModel
 from cafe.reference import three_pass_inputs, three_pass_step
 from cafe.tiny import PRESETS, build_random_model
 
@@ -50,7 +51,7 @@ def step_flops(model: CafeModel, batch) -> float:
     vision_tokens = batch.pixel_values.shape[0] * batch.pixel_values.shape[1] * (vision.image_size // vision.patch_size) ** 2
     text_tokens = int((batch.unit >= 0).sum())
 
-    pairs = int(packed_attention_mask(batch, "sdpa", torch.float32).sum())  # includes padding's self-pairs
+    pairs = plan_packed_attention(batch.unit, batch.branch).pairs
     labelled = int((batch.lm_targets != -100).sum())
     forward = (2 * lm_params * text_tokens + 2 * vision_params * vision_tokens
                + 4 * text.hidden_size * text.num_hidden_layers * pairs + 2 * text.hidden_size * text.vocab_size * labelled)

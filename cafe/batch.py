@@ -5,8 +5,8 @@ the query embedding prompt (the images, or `multimodal_input`'s user turn) and t
 embedding prompt (the pair text, or the assistant turn). The conversation and the query
 prompt start with the same tokens (system, user header, image tokens), so they become one
 *unit*: a shared trunk plus two branches that each attend to the trunk and to themselves.
-The target prompt is a unit of its own. Units are packed first-fit into rows, so there is
-almost no padding, and every image is encoded once however many sequences show it.
+The target prompt is a unit of its own. Units sit side by side in one row, so there is no
+padding, and every image is encoded once however many sequences show it.
 """
 from __future__ import annotations
 
@@ -168,41 +168,18 @@ class Collator:
                 target_units.append(len(units))
                 units.append(_unit_tokens(target, 0, len(target[0]), TRUNK, offsets))
         emb_spans += [list(range(len(units[u]))) for u in target_units]
-        return self._rows(units, query_units + target_units, emb_spans, image_inputs, per_image, expanded)
+        return self._row(units, query_units + target_units, emb_spans, image_inputs, per_image, expanded)
 
-    def _rows(self, units, emb_units, emb_spans, image_inputs, per_image, expanded) -> PackedBatch:
-        # First-fit decreasing into rows no longer than the longest unit: little padding and
-        # attention cost bounded by the longest sequence.
-        capacity = max(len(u) for u in units)
-        order = sorted(range(len(units)), key=lambda u: -len(units[u]))
-        rows: list[list[int]] = []
-        fill: list[int] = []
-        for u in order:
-            for r, used in enumerate(fill):
-                if used + len(units[u]) <= capacity:
-                    rows[r].append(u)
-                    fill[r] += len(units[u])
-                    break
-            else:
-                rows.append([u])
-                fill.append(len(units[u]))
-        pad_id = self.tokenizer.pad_token_id or 0
-        padding = (pad_id, 0, TRUNK, -1, IGNORE_INDEX)
-        columns: list[list[tuple]] = []
-        unit_of: list[list[int]] = []
-        unit_start = {}
-        for r, members in enumerate(rows):
-            row: list[tuple] = []
-            owners: list[int] = []
-            for u in members:
-                unit_start[u] = r * capacity + len(row)
-                row += units[u]
-                owners += [u] * len(units[u])
-            columns.append(row + [padding] * (capacity - len(row)))
-            unit_of.append(owners + [-1] * (capacity - len(owners)))
-        packed = torch.tensor(columns, dtype=torch.long)  # (rows, capacity, 5)
+    def _row(self, units, emb_units, emb_spans, image_inputs, per_image, expanded) -> PackedBatch:
+        # Every unit side by side in one row: no padding at all. Attention never crosses units
+        # (`cafe.attention` runs each unit's sequences on their own), so the row's length costs
+        # nothing by itself.
+        unit_start = [0]
+        for tokens in units[:-1]:
+            unit_start.append(unit_start[-1] + len(tokens))
+        packed = torch.tensor([[t for tokens in units for t in tokens]], dtype=torch.long)  # (1, tokens, 5)
         input_ids, position_ids, branch, feature_index, lm_targets = packed.unbind(-1)
-        unit_ids = torch.tensor(unit_of, dtype=torch.long)
+        unit_ids = torch.tensor([[u for u, tokens in enumerate(units) for _ in tokens]], dtype=torch.long)
         emb_last, emb_positions, emb_owner = [], [], []
         for e, (u, span) in enumerate(zip(emb_units, emb_spans)):
             flat = [unit_start[u] + k for k in span]

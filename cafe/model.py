@@ -2,7 +2,8 @@
 
 `CafeModel.forward` is the fast CAFe step on a `PackedBatch`: the vision tower runs once per
 image, the conversation and the query prompt share their prefix in one packed forward through
-the base language model, and vocabulary logits are computed only where labels exist."""
+the base language model (attention computed unit by unit, `cafe.attention`), and vocabulary
+logits are computed only where labels exist."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-from cafe.batch import TRUNK, PackedBatch
+from cafe.attention import plan_packed_attention, route_packed_attention
+from cafe.batch import PackedBatch
 from cafe.losses import CafeLoss, LossTerms
 from cafe.prompts import IGNORE_INDEX
 
@@ -27,23 +29,6 @@ def load_vlm(checkpoint: str | Path, *, dtype: torch.dtype = torch.float32, attn
         path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     )
     return model, processor
-
-
-def packed_attention_mask(batch: PackedBatch, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """(rows, 1, L, L) mask: a token sees earlier tokens of its own unit that are in the trunk or
-    in its own branch. Padding sees only itself, so no softmax row is empty."""
-    unit, branch, pos = batch.unit, batch.branch, batch.position_ids
-    same_unit = (unit[:, :, None] == unit[:, None, :]) & (unit[:, :, None] >= 0)
-    causal = pos[:, None, :] <= pos[:, :, None]
-    visible_branch = (branch[:, None, :] == TRUNK) | (branch[:, None, :] == branch[:, :, None])
-    allowed = same_unit & causal & visible_branch
-    allowed |= torch.eye(unit.shape[1], dtype=torch.bool, device=unit.device)
-    allowed = allowed[:, None]
-    if attn_implementation == "sdpa":
-        return allowed
-    if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=unit.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    raise ValueError(f"packed CAFe batches need attn_implementation 'sdpa' or 'eager', not {attn_implementation!r}")
 
 
 class CafeModel(nn.Module):
@@ -75,12 +60,16 @@ class CafeModel(nn.Module):
         """Last-layer hidden states (after the final norm) of the packed rows."""
         embeds = self.vlm.get_input_embeddings()(batch.input_ids)
         features = self.image_features(batch)
-        if features is not None:
-            is_image = batch.feature_index >= 0
-            embeds = embeds.masked_scatter(is_image[..., None], features[batch.feature_index[is_image]].to(embeds.dtype))
-        mask = packed_attention_mask(batch, self.vlm.config._attn_implementation, embeds.dtype)
-        return self.vlm.model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids
+        if features is not None:  # index ops: their backward is a few times cheaper than masked_scatter's
+            rows = batch.feature_index.flatten()
+            at = (rows >= 0).nonzero().flatten()
+            embeds = embeds.flatten(0, 1).index_copy(0, at, features.index_select(0, rows[at]).to(embeds.dtype))
+            embeds = embeds.view(*batch.input_ids.shape, -1)
+        language_model = self.vlm.model.language_model
+        route_packed_attention(language_model.config)
+        plan = plan_packed_attention(batch.unit, batch.branch)
+        return language_model(
+            inputs_embeds=embeds, attention_mask={"full_attention": plan}, position_ids=batch.position_ids
         ).last_hidden_state
 
     def pool(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -1,0 +1,194 @@
+"""Attention over packed CAFe rows that scores only the pairs the tree mask allows.
+
+As a dense (L, L) mask per row (`cafe.model.packed_attention_mask`), SDPA would score every pair
+of a row although fewer than half are allowed: units sit side by side in a row, and a unit's
+query branch sits beside its conversation. Here a unit's trunk and first branch form one causal
+sequence; those sequences are batched by length and run through causal SDPA without a mask
+(the fast kernel path). A unit's other branches (the query prompt beside the conversation)
+attend to [trunk keys, own keys] in one small masked SDPA. Token order inside a unit is position
+order (`cafe.batch`), so this equals masked attention with the dense mask on every real token;
+padding tokens get a zero output, which nothing reads.
+
+The language model reaches this through `AttentionInterface`: `route_packed_attention` renames its
+attention implementation to a registered wrapper that takes `PackedAttention` plans as the
+attention mask and hands every other call (plain forwards through the same model) to the
+implementation the model was loaded with.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from cafe.batch import TRUNK
+
+BASES = ("sdpa", "eager")
+LENGTH_RATIO = 0.8  # causal sequences shorter than this fraction of their batch's longest start a new batch
+
+
+@dataclass(frozen=True, slots=True)
+class PackedAttention:
+    """Where each attention call of a packed forward takes its tokens from: indices into the
+    (rows * length) flattened tokens, built once per forward and shared by every layer."""
+
+    causal: list[torch.Tensor]  # per length batch: (sequences, longest) token index, right-padded
+    branch_queries: torch.Tensor | None  # (branches, longest branch) token index
+    branch_keys: torch.Tensor | None  # (branches, longest trunk + longest branch): trunk, then own tokens
+    branch_mask: torch.Tensor | None  # (branches, 1, queries, keys) bool
+    output: torch.Tensor  # (rows * length,) row of the concatenated outputs for each token; padding: the zero row
+    pairs: int  # (query, key) pairs the mask allows, padding aside: the attention work
+
+
+def _runs(unit: torch.Tensor, branch: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(unit, branch, start, length) of each run of equal unit and branch, in flat token order."""
+    rows, length = unit.shape
+    u, b = unit.flatten(), branch.flatten()
+    change = torch.ones_like(u, dtype=torch.bool)
+    change[1:] = (u[1:] != u[:-1]) | (b[1:] != b[:-1])
+    change[::length] = True
+    starts = change.nonzero().flatten()
+    ends = torch.cat([starts[1:], starts.new_tensor([u.numel()])])
+    return list(zip(u[starts].tolist(), b[starts].tolist(), starts.tolist(), (ends - starts).tolist()))
+
+
+def _padded(spans: list[tuple[int, int]], width: int) -> torch.Tensor:
+    """Token indices of each (start, length) span, right-padded by repeating its last token."""
+    steps = torch.arange(width)
+    return torch.stack([start + steps.clamp(max=n - 1) for start, n in spans])
+
+
+def _unit_spans(unit: torch.Tensor, branch: torch.Tensor):
+    """Per unit, (start, length) of its causal sequence (trunk + first branch), and
+    (trunk start, trunk length, start, length) of each further branch."""
+    sequences: list[tuple[int, int]] = []
+    branches: list[tuple[int, int, int, int]] = []
+    runs = [r for r in _runs(unit, branch) if r[0] >= 0]
+    seen: set[int] = set()
+    i = 0
+    while i < len(runs):
+        u, b, start, n = runs[i]
+        if u in seen:
+            raise ValueError(f"unit {u} is not contiguous in its row")
+        seen.add(u)
+        j = i + 1
+        while j < len(runs) and runs[j][0] == u:
+            j += 1
+        trunk = n if b == TRUNK else 0
+        own = runs[i + 1 : j] if trunk else runs[i:j]
+        if any(r[1] == TRUNK for r in own):
+            raise ValueError(f"unit {u} has trunk tokens after a branch")
+        sequences.append((start, trunk + (own[0][3] if own else 0)))
+        branches += [(start, trunk, s, m) for _, _, s, m in own[1:]]
+        i = j
+    return sequences, branches
+
+
+def _length_batches(sequences: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Longest first; a sequence much shorter than its batch's longest starts a new batch."""
+    batches: list[list[tuple[int, int]]] = []
+    for span in sorted(sequences, key=lambda span: -span[1]):
+        if not batches or span[1] < LENGTH_RATIO * batches[-1][0][1]:
+            batches.append([])
+        batches[-1].append(span)
+    return batches
+
+
+def plan_packed_attention(unit: torch.Tensor, branch: torch.Tensor) -> PackedAttention:
+    """The attention plan of packed rows (`PackedBatch.unit` / `.branch`), on their device."""
+    device, unit, branch = unit.device, unit.cpu(), branch.cpu()
+    sequences, branches = _unit_spans(unit, branch)
+    output = torch.full((unit.numel(),), -1, dtype=torch.long)
+    offset = 0  # outputs are concatenated in call order, each call's (sequences, width) flattened
+
+    def place(spans: list[tuple[int, int]], width: int) -> None:
+        nonlocal offset
+        for slot, (start, n) in enumerate(spans):
+            output[start : start + n] = torch.arange(n) + offset + slot * width
+        offset += len(spans) * width
+
+    causal = []
+    for spans in _length_batches(sequences):
+        causal.append(_padded(spans, spans[0][1]))
+        place(spans, spans[0][1])
+
+    branch_queries = branch_keys = branch_mask = None
+    if branches:
+        own = [(s, n) for _, _, s, n in branches]
+        width = max(n for _, n in own)
+        trunk_width = max(t for _, t, _, _ in branches)
+        branch_queries = _padded(own, width)
+        branch_keys = branch_queries
+        if trunk_width:  # a trunk of length 0 takes one masked key, so the index stays in the unit
+            trunk_keys = _padded([(ts, max(t, 1)) for ts, t, _, _ in branches], trunk_width)
+            branch_keys = torch.cat([trunk_keys, branch_queries], dim=1)
+        trunk_lengths = torch.tensor([t for _, t, _, _ in branches])
+        sees_trunk = torch.arange(trunk_width)[None, None, :] < trunk_lengths[:, None, None]
+        sees_own = torch.ones(width, width, dtype=torch.bool).tril()
+        branch_mask = torch.cat([sees_trunk.expand(-1, width, -1), sees_own.expand(len(branches), -1, -1)], dim=2)
+        branch_mask = branch_mask[:, None]
+        place(own, width)
+    output[output < 0] = offset  # padding: the zero row after every output
+
+    pairs = sum(n * (n + 1) // 2 for _, n in sequences) + sum(t * n + n * (n + 1) // 2 for _, t, _, n in branches)
+    causal = [index.to(device) for index in causal]
+    if branches:
+        branch_queries, branch_keys, branch_mask = (x.to(device) for x in (branch_queries, branch_keys, branch_mask))
+    return PackedAttention(causal, branch_queries, branch_keys, branch_mask, output.to(device), pairs)
+
+
+def _attend(q, k, v, queries, keys, mask, scale, dropout):
+    """SDPA over the gathered sequences; (sequences * queries, heads, dim) out."""
+    n, width = queries.shape
+
+    def take(x, index):
+        return x.index_select(0, index.flatten()).view(n, index.shape[1], *x.shape[1:]).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(take(q, queries), take(k, keys), take(v, keys), attn_mask=mask,
+                                         dropout_p=dropout, is_causal=mask is None, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(n * width, *q.shape[1:])
+
+
+def packed_attention_forward(module, query, key, value, plan: PackedAttention, *, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """An `AttentionInterface` function: (rows, heads, length, dim) in, (rows, length, heads, dim) out."""
+    rows, heads, length, dim = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(rows * length, x.shape[1], dim) for x in (query, key, value))
+    outs = [_attend(q, k, v, index, index, None, scaling, dropout) for index in plan.causal]
+    if plan.branch_queries is not None:
+        outs.append(_attend(q, k, v, plan.branch_queries, plan.branch_keys, plan.branch_mask, scaling, dropout))
+    outs.append(q.new_zeros(1, heads, dim))
+    return torch.cat(outs).index_select(0, plan.output).view(rows, length, heads, dim), None
+
+
+def _wrapper(base: str):
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        if isinstance(attention_mask, PackedAttention):
+            return packed_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if base == "eager":  # each model defines its own eager function, next to its attention module
+            return sys.modules[type(module).__module__].eager_attention_forward(
+                module, query, key, value, attention_mask, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, **kwargs)
+
+    return forward
+
+
+for _base in BASES:
+    AttentionInterface.register(f"cafe_packed_{_base}", _wrapper(_base))
+    AttentionMaskInterface.register(f"cafe_packed_{_base}", ALL_MASK_ATTENTION_FUNCTIONS[_base])
+
+
+def route_packed_attention(config: PretrainedConfig) -> None:
+    """Make a language model (by its config) accept `PackedAttention` plans as attention masks."""
+    name = config._attn_implementation
+    if name.startswith("cafe_packed_"):
+        return
+    if any(kind != "full_attention" for kind in config.layer_types):
+        raise ValueError(f"packed CAFe batches need full attention in every layer, not {set(config.layer_types)}")
+    if name not in BASES:
+        raise ValueError(f"packed CAFe batches need attn_implementation 'sdpa' or 'eager', not {name!r}")
+    config._attn_implementation = f"cafe_packed_{name}"
