@@ -121,3 +121,15 @@ def test_unsupported_attention_is_a_clear_error(tiny_checkpoint):
     config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="sdpa' or 'eager'"):
         route_packed_attention(config)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_plain_forward_unchanged_after_routing(tiny_checkpoint, attn):
+    """The reference's ordinary forwards go through the routed model too: same hidden states."""
+    vlm, _ = load_vlm(tiny_checkpoint, attn_implementation=attn)
+    language_model = vlm.model.language_model
+    ids, mask = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    before = language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    route_packed_attention(language_model.config)
+    assert language_model.config._attn_implementation == f"cafe_packed_{attn}"
+    torch.testing.assert_close(language_model(input_ids=ids, attention_mask=mask).last_hidden_state, before)
