@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from cafe.batch import TRUNK
 
 BASES = ("sdpa", "eager")
 LENGTH_RATIO = 0.8  # causal sequences shorter than this fraction of their batch's longest start a new batch
+# PyTorch's CPU flash kernel scores whole key blocks (up to 512 keys) even under is_causal, so a
+# causal sequence costs L^2; in query blocks it costs about L^2 / 2 + L * block / 2.
+CPU_QUERY_BLOCK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +152,18 @@ def _attend(q, k, v, queries, keys, mask, scale, dropout):
     def take(x, index):
         return x.index_select(0, index.flatten()).view(n, index.shape[1], *x.shape[1:]).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(take(q, queries), take(k, keys), take(v, keys), attn_mask=mask,
-                                         dropout_p=dropout, is_causal=mask is None, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2).reshape(n * width, *q.shape[1:])
+    sdpa = partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scale, enable_gqa=True)
+    q, k, v = take(q, queries), take(k, keys), take(v, keys)
+    if mask is not None or q.device.type != "cpu" or width <= 2 * CPU_QUERY_BLOCK:
+        out = sdpa(q, k, v, attn_mask=mask, is_causal=mask is None)
+    else:  # causal on CPU: query blocks, each against the keys up to its end (lower-right causal mask)
+        blocks = []
+        for start in range(0, width, CPU_QUERY_BLOCK):
+            end = min(width, start + CPU_QUERY_BLOCK)
+            causal = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
+            blocks.append(sdpa(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=causal))
+        out = torch.cat(blocks, dim=2)
+    return out.transpose(1, 2).reshape(n * width, out.shape[1], out.shape[3])
 
 
 def packed_attention_forward(module, query, key, value, plan: PackedAttention, *, dropout: float = 0.0,
