@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import ray.train
@@ -61,20 +62,12 @@ def export_hf(engine, model: CafeModel, processor, out_dir: Path, zero_stage: in
     import deepspeed
 
     params = list(model.parameters())
-    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else _null()
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
     with context:
         if rank == 0:
             model.vlm.save_pretrained(out_dir)
             processor.save_pretrained(out_dir)
             (out_dir / STATE_FILE).write_text(json.dumps({"temperature": model.loss.contrastive.temperature}))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
