@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "data":
         print(jobs.run_data(cfg).to_json())
     elif args.command == "train":
-        jobs.ensure_checkpoint(cfg)
-        run_id = jobs.open_run(cfg)
-        print(jobs.train(cfg, run_id))
+        print(jobs.run_train(cfg))
     elif args.command == "eval":
         checkpoint = Path(args.checkpoint or Path(cfg.output_dir, "model"))
         print(json.dumps(jobs.run_eval(cfg, checkpoint, None, step=0, report_name="report.json"), indent=2))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -37,6 +39,24 @@ def open_run(cfg: ExperimentConfig) -> str:
                              run_name=cfg.tracking.run_name, params=to_flat_dict(cfg))
 
 
+@contextmanager
+def tracked_run(cfg: ExperimentConfig) -> Iterator[str]:
+    """The run's MLflow id; the run ends FINISHED, or FAILED if the body raises."""
+    run_id = open_run(cfg)
+    try:
+        yield run_id
+    except BaseException:
+        finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
+        raise
+    finish_run(cfg.tracking.tracking_uri, run_id)
+
+
+def run_train(cfg: ExperimentConfig) -> Path:
+    ensure_checkpoint(cfg)
+    with tracked_run(cfg) as run_id:
+        return train(cfg, run_id)
+
+
 def run_data(cfg: ExperimentConfig, run_id: str | None = None):
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     if run_id is None:
@@ -60,16 +80,11 @@ def demo(cfg: ExperimentConfig) -> dict:
     (out / "config.yaml").write_text(to_yaml(cfg))
     prepare_scenes(cfg)
     base = ensure_checkpoint(cfg)
-    run_id = open_run(cfg)
-    try:
+    with tracked_run(cfg) as run_id:
         summary = run_data(cfg, run_id)
         before = run_eval(cfg, base, run_id, step=0, report_name="report_untrained.json")
         model_dir = train(cfg, run_id)
         after = run_eval(cfg, model_dir, run_id, step=1, report_name="report.json")
-    except BaseException:
-        finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
-        raise
-    finish_run(cfg.tracking.tracking_uri, run_id)
     result = {
         "run_id": run_id,
         "tracking_uri": cfg.tracking.tracking_uri,
