@@ -95,6 +95,7 @@ def build_random_model(corpus: Iterable[str], spec: TinySpec) -> tuple[LlavaOnev
         num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
+        vision_use_head=False,  # as in released LLaVA-OneVision: the pooling head is never used
     )
     text = Qwen2Config(
         vocab_size=max(spec.model_vocab_size, len(tokenizer)),
