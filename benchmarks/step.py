@@ -1,7 +1,8 @@
 """Throughput of one CAFe training step: the plain three-pass step (the research code's way:
 three full multimodal forwards, vision tower in each plus a pass on blank images,
-full-vocabulary logits) against the packed step, on the same random-initialised model, batch
-and optimizer, in one run. Ends with `speedup: N.NNx`.
+full-vocabulary logits, eager PyTorch) against the packed step (with its transformer blocks
+compiled, `--compile off` to leave them eager), on copies of the same random-initialised model,
+the same batch and optimizer, in one run. Ends with `speedup: N.NNx`.
 
     python benchmarks/step.py --size tiny                      # CPU
     python benchmarks/step.py --size 0.5b --batch 16 --crops 2  # GPU, bf16
@@ -9,7 +10,10 @@ and optimizer, in one run. Ends with `speedup: N.NNx`.
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import random
+import statistics
 import time
 
 import torch
@@ -17,6 +21,7 @@ from PIL import Image
 
 from cafe.attention import plan_packed_attention
 from cafe.batch import Collator, Example
+from cafe.compile import compile_blocks
 from cafe.losses import CafeLoss
 from cafe.model import CafeModel
 from cafe.reference import three_pass_inputs, three_pass_step
@@ -41,42 +46,91 @@ def make_examples(batch: int, crops: int, image_size: int, answer_words: int, se
     return examples
 
 
-def step_flops(model: CafeModel, batch) -> float:
-    """Model FLOPs the job needs (fwd + bwd = 3x fwd): each visible token through its tower once,
-    attention over the pairs the packed mask allows, logits at labelled positions."""
-    cfg = model.vlm.config
-    text, vision = cfg.text_config, cfg.vision_config
-    lm_params = sum(p.numel() for n, p in model.vlm.model.language_model.named_parameters() if "embed" not in n)
-    vision_params = sum(p.numel() for p in model.vlm.model.vision_tower.parameters())
-    vision_tokens = batch.pixel_values.shape[0] * batch.pixel_values.shape[1] * (vision.image_size // vision.patch_size) ** 2
-    text_tokens = int((batch.unit >= 0).sum())
-
-    pairs = plan_packed_attention(batch.unit, batch.branch).pairs
-    labelled = int((batch.lm_targets != -100).sum())
-    forward = (2 * lm_params * text_tokens + 2 * vision_params * vision_tokens
-               + 4 * text.hidden_size * text.num_hidden_layers * pairs + 2 * text.hidden_size * text.vocab_size * labelled)
-    return 3.0 * forward
+def _forward_flops(vlm, *, lm_tokens: int, vision_tokens: int, pairs: int, logit_rows: int) -> float:
+    """Forward FLOPs: tokens through each tower's weights, attention over `pairs` (query, key)
+    pairs, vocabulary logits at `logit_rows` positions."""
+    text = vlm.config.text_config
+    lm_params = sum(p.numel() for n, p in vlm.model.language_model.named_parameters() if "embed" not in n)
+    vision_params = sum(p.numel() for p in vlm.model.vision_tower.parameters())
+    return (2 * lm_params * lm_tokens + 2 * vision_params * vision_tokens
+            + 4 * text.hidden_size * text.num_hidden_layers * pairs + 2 * text.hidden_size * text.vocab_size * logit_rows)
 
 
-def time_steps(step_fn, optimizer, steps: int, device: torch.device) -> tuple[float, float, float]:
-    for _ in range(2):  # warm-up: allocator, kernels, autotuning
-        optimizer.zero_grad(set_to_none=True)
-        step_fn().objective.backward()
-        optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        terms = step_fn()
+def _vision_tokens(vlm, pixel_values: torch.Tensor | None) -> int:
+    if pixel_values is None:
+        return 0
+    vision = vlm.config.vision_config
+    return pixel_values.shape[0] * pixel_values.shape[1] * (vision.image_size // vision.patch_size) ** 2
+
+
+def step_flops(vlm, batch, *, recompute: bool) -> float:
+    """FLOPs of the packed step (fwd + bwd = 3x fwd, 4x with recompute): each real token through
+    its tower once, attention over the pairs the packed mask allows, logits at labelled positions."""
+    return (4.0 if recompute else 3.0) * _forward_flops(
+        vlm, lm_tokens=int((batch.unit >= 0).sum()), vision_tokens=_vision_tokens(vlm, batch.pixel_values),
+        pairs=plan_packed_attention(batch.unit, batch.branch).pairs, logit_rows=int((batch.lm_targets != -100).sum()))
+
+
+def three_pass_flops(vlm, inputs: dict, *, recompute: bool) -> float:
+    """FLOPs of the three-pass step as it executes: padded tokens, causal pairs of each padded
+    row, full-vocabulary logits everywhere, the vision tower in each pass with images (fwd + bwd,
+    and a second forward with recompute) plus the blank-image pass (forward only: nothing reads it)."""
+    total = 0.0
+    for name, p in inputs.items():
+        rows, length = p.input_ids.shape
+        pixels = p.vision.get("pixel_values")
+        total += (4.0 if recompute else 3.0) * _forward_flops(vlm, lm_tokens=rows * length, vision_tokens=_vision_tokens(vlm, pixels),
+                                      pairs=rows * length * (length + 1) // 2, logit_rows=rows * length)
+        if name == "conversation":
+            total += _forward_flops(vlm, lm_tokens=0, vision_tokens=_vision_tokens(vlm, pixels), pairs=0, logit_rows=0)
+    return total
+
+
+class Timer:
+    """One path (model, optimizer, step) timed in rounds; rounds of the two paths alternate, so
+    a slow spell of a shared machine hits both, and the median round counts."""
+
+    def __init__(self, step_fn, optimizer, device: torch.device) -> None:
+        self.step_fn, self.optimizer, self.device = step_fn, optimizer, device
+        self.rounds: list[float] = []
+        self.peak_gib = float("nan")
+        self.loss = float("nan")
+
+    def _step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.step_fn()
         terms.objective.backward()
-        optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return seconds, peak, float(terms.loss)
+        self.optimizer.step()
+        return terms
+
+    def warm_up(self, steps: int = 2) -> float:
+        """Allocator, kernels, autotuning, compilation; the seconds it took."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self._step()
+        self._sync()
+        return time.perf_counter() - start
+
+    def run_round(self, steps: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            terms = self._step()
+        self._sync()
+        self.rounds.append((time.perf_counter() - start) / steps)
+        self.loss = float(terms.loss)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            self.peak_gib = peak if self.peak_gib != self.peak_gib else max(self.peak_gib, peak)
+
+    def seconds(self) -> float:
+        return statistics.median(self.rounds)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -85,55 +139,85 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--crops", type=int, default=2, help="views per image: the base view + (crops-1) tiles")
     parser.add_argument("--answer-words", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per path, alternating; the median counts")
     parser.add_argument("--recompute", choices=["on", "off"], default=None,
                         help="activation recompute for the packed step (default: on for 0.5b, off for tiny); "
                              "the reference always uses it on 0.5b, as measured originally")
+    parser.add_argument("--compile", choices=["on", "off"], default="on",
+                        help="torch.compile the packed step's transformer blocks (cafe.compile)")
+    parser.add_argument("--work-only", action="store_true",
+                        help="print the two steps' FLOPs and stop (model on the meta device: any size, any machine)")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("meta" if args.work_only else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     spec = PRESETS[args.size]
     spec.crops_wide = max(1, args.crops - 1)
     torch.manual_seed(0)
     with torch.device(device):
         vlm, processor = build_random_model(WORDS * 20, spec)
-    vlm = vlm.to(device, dtype).train()
     vlm.config._attn_implementation = "sdpa"
-    model = CafeModel(vlm, CafeLoss())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     examples = make_examples(args.batch, args.crops, spec.image_size, args.answer_words)
 
     started = time.perf_counter()
     batch = Collator(processor)(examples)
     collate_ms = (time.perf_counter() - started) * 1000
-    packed = batch.to(device, dtype)
-    reference_inputs = {k: v.to(device, dtype) for k, v in three_pass_inputs(processor, examples, batch).items()}
-
+    reference_inputs = three_pass_inputs(processor, examples, batch)
     big = args.size != "tiny"
-    if big:
-        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_s, ref_mem, ref_loss = time_steps(lambda: three_pass_step(model, reference_inputs, blank_image_pass=True),
-                                          optimizer, args.steps, device)
     recompute = args.recompute or ("on" if big else "off")
-    if recompute == "off":
-        vlm.gradient_checkpointing_disable()
-    else:
-        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ours_s, ours_mem, ours_loss = time_steps(lambda: model(packed), optimizer, args.steps, device)
+    flops = step_flops(vlm, batch, recompute=recompute == "on")
+    reference_flops = three_pass_flops(vlm, reference_inputs, recompute=big)
+    work = (f"work: three-pass {reference_flops / 1e9:.1f} GFLOP, packed {flops / 1e9:.1f} GFLOP per step "
+            f"(ratio {reference_flops / flops:.2f}x: the speedup at equal efficiency)")
+    if args.work_only:
+        print(f"size={args.size} batch={args.batch} crops={args.crops} tokens/image={batch.tokens_per_image[0]} "
+              f"packed tokens={batch.input_ids.shape[1]} recompute: three-pass={'on' if big else 'off'} ours={recompute}")
+        print(work)
+        return
+    vlm = vlm.to(device, dtype).train()
+    packed = batch.to(device, dtype)
+    reference_inputs = {k: v.to(device, dtype) for k, v in reference_inputs.items()}
 
-    flops = step_flops(model, packed)
+    # Each path trains its own copy of the same initial weights, so compiling ours leaves the
+    # reference as the research code runs it.
+    reference = CafeModel(vlm, CafeLoss())
+    ours = CafeModel(copy.deepcopy(vlm), CafeLoss())
+    if big:
+        reference.vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if recompute == "on":
+        ours.vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile == "on":
+        compile_blocks(ours.vlm)
+    timers = {
+        "three-pass": Timer(lambda: three_pass_step(reference, reference_inputs, blank_image_pass=True),
+                            torch.optim.AdamW(reference.parameters(), lr=1e-5), device),
+        "packed": Timer(lambda: ours(packed), torch.optim.AdamW(ours.parameters(), lr=1e-5), device),
+    }
+    warm = {label: timer.warm_up() for label, timer in timers.items()}
+    for _ in range(args.rounds):
+        for timer in timers.values():
+            timer.run_round(args.steps)
+
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    mfu = lambda s: f"{flops / s / peak:.1%}" if peak else "n/a"  # noqa: E731
+    work_of = {"three-pass": reference_flops, "packed": flops}
     pad = 1 - float((packed.unit >= 0).float().mean())
-    print(f"device={name} size={args.size} batch={args.batch} crops={args.crops} dtype={dtype} "
+    load = f" load={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"device={name}{load} size={args.size} batch={args.batch} crops={args.crops} dtype={dtype} "
           f"tokens/image={batch.tokens_per_image[0]} packed rows={tuple(packed.input_ids.shape)} padding={pad:.1%} "
-          f"collate={collate_ms:.0f} ms (CPU, off the step) recompute(ours)={recompute}")
-    print(f"{'step':<12}{'ms/step':>10}{'samples/s':>12}{'peak GiB':>10}{'MFU':>8}{'loss':>10}")
-    for label, s, mem, loss in (("three-pass", ref_s, ref_mem, ref_loss), ("packed", ours_s, ours_mem, ours_loss)):
-        print(f"{label:<12}{s * 1000:>10.1f}{args.batch / s:>12.1f}{mem:>10.1f}{mfu(s):>8}{loss:>10.4f}")
-    print(f"speedup: {ref_s / ours_s:.2f}x")
+          f"collate={collate_ms:.0f} ms (CPU, off the step) recompute(ours)={recompute} compile(ours)={args.compile} "
+          f"warm-up(ours)={warm['packed']:.1f} s")
+    print(work)
+    print(f"{'step':<12}{'ms/step':>10}{'range ms':>14}{'samples/s':>12}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU':>7}{'loss':>9}")
+    for label, timer in timers.items():
+        s = timer.seconds()
+        spread = f"{min(timer.rounds) * 1000:.0f}-{max(timer.rounds) * 1000:.0f}"
+        rate = work_of[label] / s
+        mfu = f"{rate / peak:.1%}" if peak else "n/a"
+        print(f"{label:<12}{s * 1000:>10.1f}{spread:>14}{args.batch / s:>12.1f}{timer.peak_gib:>10.1f}{rate / 1e12:>9.2f}"
+              f"{mfu:>7}{timer.loss:>9.4f}")
+    print(f"speedup: {timers['three-pass'].seconds() / timers['packed'].seconds():.2f}x")
 
 
 if __name__ == "__main__":

@@ -36,14 +36,24 @@ CPU_QUERY_BLOCK = 64
 
 
 @dataclass(frozen=True, slots=True)
-class PackedAttention:
-    """Where each attention call of a packed forward takes its tokens from: indices into the
-    (rows * length) flattened tokens, built once per forward and shared by every layer."""
+class AttentionCall:
+    """One SDPA call: `sequences` rows of `queries` query tokens against `keys` key tokens."""
 
-    causal: list[torch.Tensor]  # per length batch: (sequences, longest) token index, right-padded
-    branch_queries: torch.Tensor | None  # (branches, longest branch) token index
-    branch_keys: torch.Tensor | None  # (branches, longest trunk + longest branch): trunk, then own tokens
-    branch_mask: torch.Tensor | None  # (branches, 1, queries, keys) bool
+    sequences: int
+    queries: int
+    keys: int
+    mask: torch.Tensor | None  # (sequences, 1, queries, keys) bool; None: causal
+
+
+@dataclass(frozen=True, slots=True)
+class PackedAttention:
+    """Where each attention call of a packed forward takes its tokens from, built once per
+    forward and shared by every layer. Queries (and keys) of all calls are gathered with one
+    index each, so autograd scatters each gradient back once, not once per call."""
+
+    calls: list[AttentionCall]  # causal length batches, then the branch call if any
+    query_index: torch.Tensor  # (sum of sequences * queries,) token of each gathered query, calls in order
+    key_index: torch.Tensor  # (sum of sequences * keys,) token of each gathered key / value
     output: torch.Tensor  # (rows * length,) row of the concatenated outputs for each token; padding: the zero row
     pairs: int  # (query, key) pairs the mask allows, padding aside: the attention work
 
@@ -107,6 +117,9 @@ def plan_packed_attention(unit: torch.Tensor, branch: torch.Tensor) -> PackedAtt
     device, unit, branch = unit.device, unit.cpu(), branch.cpu()
     sequences, branches = _unit_spans(unit, branch)
     output = torch.full((unit.numel(),), -1, dtype=torch.long)
+    calls: list[AttentionCall] = []
+    query_index: list[torch.Tensor] = []
+    key_index: list[torch.Tensor] = []
     offset = 0  # outputs are concatenated in call order, each call's (sequences, width) flattened
 
     def place(spans: list[tuple[int, int]], width: int) -> None:
@@ -115,66 +128,72 @@ def plan_packed_attention(unit: torch.Tensor, branch: torch.Tensor) -> PackedAtt
             output[start : start + n] = torch.arange(n) + offset + slot * width
         offset += len(spans) * width
 
-    causal = []
     for spans in _length_batches(sequences):
-        causal.append(_padded(spans, spans[0][1]))
-        place(spans, spans[0][1])
+        width = spans[0][1]
+        index = _padded(spans, width)
+        calls.append(AttentionCall(len(spans), width, width, None))
+        query_index.append(index)
+        key_index.append(index)
+        place(spans, width)
 
-    branch_queries = branch_keys = branch_mask = None
     if branches:
         own = [(s, n) for _, _, s, n in branches]
         width = max(n for _, n in own)
         trunk_width = max(t for _, t, _, _ in branches)
-        branch_queries = _padded(own, width)
-        branch_keys = branch_queries
+        queries = _padded(own, width)
+        keys = queries
         if trunk_width:  # a trunk of length 0 takes one masked key, so the index stays in the unit
             trunk_keys = _padded([(ts, max(t, 1)) for ts, t, _, _ in branches], trunk_width)
-            branch_keys = torch.cat([trunk_keys, branch_queries], dim=1)
+            keys = torch.cat([trunk_keys, queries], dim=1)
         trunk_lengths = torch.tensor([t for _, t, _, _ in branches])
         sees_trunk = torch.arange(trunk_width)[None, None, :] < trunk_lengths[:, None, None]
         sees_own = torch.ones(width, width, dtype=torch.bool).tril()
-        branch_mask = torch.cat([sees_trunk.expand(-1, width, -1), sees_own.expand(len(branches), -1, -1)], dim=2)
-        branch_mask = branch_mask[:, None]
+        mask = torch.cat([sees_trunk.expand(-1, width, -1), sees_own.expand(len(branches), -1, -1)], dim=2)
+        calls.append(AttentionCall(len(branches), width, keys.shape[1], mask[:, None].to(device)))
+        query_index.append(queries)
+        key_index.append(keys)
         place(own, width)
     output[output < 0] = offset  # padding: the zero row after every output
 
     pairs = sum(n * (n + 1) // 2 for _, n in sequences) + sum(t * n + n * (n + 1) // 2 for _, t, _, n in branches)
-    causal = [index.to(device) for index in causal]
-    if branches:
-        branch_queries, branch_keys, branch_mask = (x.to(device) for x in (branch_queries, branch_keys, branch_mask))
-    return PackedAttention(causal, branch_queries, branch_keys, branch_mask, output.to(device), pairs)
+    return PackedAttention(
+        calls=calls,
+        query_index=torch.cat([i.flatten() for i in query_index]).to(device),
+        key_index=torch.cat([i.flatten() for i in key_index]).to(device),
+        output=output.to(device),
+        pairs=pairs,
+    )
 
 
-def _attend(q, k, v, queries, keys, mask, scale, dropout):
-    """SDPA over the gathered sequences; (sequences * queries, heads, dim) out."""
-    n, width = queries.shape
-
-    def take(x, index):
-        return x.index_select(0, index.flatten()).view(n, index.shape[1], *x.shape[1:]).transpose(1, 2)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, scale, dropout) -> torch.Tensor:
+    """SDPA over one call's gathered tokens (flat, (tokens, heads, dim)); (tokens, heads, dim) out."""
+    def sequences(x, width):
+        return x.view(call.sequences, width, *x.shape[1:]).transpose(1, 2)
 
     sdpa = partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scale, enable_gqa=True)
-    q, k, v = take(q, queries), take(k, keys), take(v, keys)
-    if mask is not None or q.device.type != "cpu" or width <= 2 * CPU_QUERY_BLOCK:
-        out = sdpa(q, k, v, attn_mask=mask, is_causal=mask is None)
+    q, k, v = sequences(q, call.queries), sequences(k, call.keys), sequences(v, call.keys)
+    if call.mask is not None or q.device.type != "cpu" or call.queries <= 2 * CPU_QUERY_BLOCK:
+        out = sdpa(q, k, v, attn_mask=call.mask, is_causal=call.mask is None)
     else:  # causal on CPU: query blocks, each against the keys up to its end (lower-right causal mask)
         blocks = []
-        for start in range(0, width, CPU_QUERY_BLOCK):
-            end = min(width, start + CPU_QUERY_BLOCK)
+        for start, q_block in zip(range(0, call.queries, CPU_QUERY_BLOCK), q.split(CPU_QUERY_BLOCK, dim=2)):
+            end = start + q_block.shape[2]
             causal = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
-            blocks.append(sdpa(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=causal))
+            blocks.append(sdpa(q_block, k[:, :, :end], v[:, :, :end], attn_mask=causal))
         out = torch.cat(blocks, dim=2)
-    return out.transpose(1, 2).reshape(n * width, out.shape[1], out.shape[3])
+    return out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[3])
 
 
+@torch.compiler.disable  # plan-driven Python control flow: compiled blocks run it eagerly, without recompiling
 def packed_attention_forward(module, query, key, value, plan: PackedAttention, *, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """An `AttentionInterface` function: (rows, heads, length, dim) in, (rows, length, heads, dim) out."""
     rows, heads, length, dim = query.shape
     q, k, v = (x.transpose(1, 2).reshape(rows * length, x.shape[1], dim) for x in (query, key, value))
-    outs = [_attend(q, k, v, index, index, None, scaling, dropout) for index in plan.causal]
-    if plan.branch_queries is not None:
-        outs.append(_attend(q, k, v, plan.branch_queries, plan.branch_keys, plan.branch_mask, scaling, dropout))
-    outs.append(q.new_zeros(1, heads, dim))
+    q = q.index_select(0, plan.query_index).split([c.sequences * c.queries for c in plan.calls])
+    k, v = (x.index_select(0, plan.key_index).split([c.sequences * c.keys for c in plan.calls]) for x in (k, v))
+    outs = [_attend(*qkv, call, scaling, dropout) for *qkv, call in zip(q, k, v, plan.calls)]
+    outs.append(query.new_zeros(1, heads, dim))
     return torch.cat(outs).index_select(0, plan.output).view(rows, length, heads, dim), None
 
 

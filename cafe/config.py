@@ -23,6 +23,7 @@ class ModelConfig:
     build_tiny_if_missing: bool = True  # build the offline tiny checkpoint at `checkpoint`
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
+    compile_blocks: bool = False  # torch.compile each transformer block (cafe.compile); ZeRO 0-2 only
 
 
 @dataclass(kw_only=True)

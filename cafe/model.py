@@ -69,7 +69,7 @@ class CafeModel(nn.Module):
         route_packed_attention(language_model.config)
         plan = plan_packed_attention(batch.unit, batch.branch)
         return language_model(
-            inputs_embeds=embeds, attention_mask={"full_attention": plan}, position_ids=batch.position_ids
+            inputs_embeds=embeds, attention_mask={"full_attention": plan}, position_ids=batch.position_ids, use_cache=False
         ).last_hidden_state
 
     def pool(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

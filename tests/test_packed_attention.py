@@ -103,7 +103,7 @@ def test_packed_step_under_eager_and_recompute(tiny_checkpoint, variant):
         torch.manual_seed(0)
         vlm, processor = load_vlm(tiny_checkpoint, attn_implementation=attn)
         if recompute:
-            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model = CafeModel(vlm, CafeLoss()).train()
         terms = model(Collator(processor)(examples))
         terms.objective.backward()

@@ -8,6 +8,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from cafe.config import load_config, to_flat_dict
 from cluster import jobs
+from trainers.run import build_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +32,19 @@ def prepared(tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_run_logs_to_mlflow_and_exports_hf(prepared, stage):
+@pytest.mark.parametrize("stage, compiled", [(2, False), (3, False), (2, True)], ids=["zero2", "zero3", "zero2-compiled"])
+def test_deepspeed_run_logs_to_mlflow_and_exports_hf(prepared, stage, compiled):
     root, overrides = prepared
-    cfg = load_config("configs/demo.yaml", overrides + [f"train.zero_stage={stage}", f"name=zero{stage}",
-                                                        f"output_dir={root}/out{stage}"])
+    name = f"zero{stage}{'-compiled' if compiled else ''}"
+    cfg = load_config("configs/demo.yaml", overrides + [f"train.zero_stage={stage}", f"model.compile_blocks={compiled}",
+                                                        f"name={name}", f"output_dir={root}/{name}"])
     run_id = jobs.open_run(cfg)
     model_dir = jobs.train(cfg, run_id)
 
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(run_id)
     assert run.data.params["train.zero_stage"] == str(stage)
+    assert run.data.params["model.compile_blocks"] == str(compiled)
     for key in ("train/loss", "train/lm_loss", "train/con_loss", "train/lr", "train/samples_per_s"):
         history = client.get_metric_history(run_id, key)
         assert [m.step for m in history] == [1, 2, 3], key
@@ -57,3 +60,9 @@ def test_deepspeed_run_logs_to_mlflow_and_exports_hf(prepared, stage):
     assert all(trained[k].shape == base[k].shape for k in base)
     changed = [k for k in base if not torch.equal(base[k], trained[k])]
     assert len(changed) > len(base) // 2
+
+
+def test_compiled_blocks_refused_under_zero3():
+    cfg = load_config("configs/demo.yaml", ["train.zero_stage=3", "model.compile_blocks=true"])
+    with pytest.raises(ValueError, match="zero_stage 0-2"):
+        build_trainer(cfg, run_id="unused")

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from cafe.batch import Collator
+from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
 from cafe.losses import CafeLoss, ContrastiveLoss
 from cafe.model import CafeModel, load_vlm
@@ -39,7 +40,9 @@ def lr_lambda(warmup: int, total: int):
 def build_model(cfg: ExperimentConfig, dtype: torch.dtype) -> tuple[CafeModel, object]:
     vlm, processor = load_vlm(cfg.model.checkpoint, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     if cfg.model.gradient_checkpointing:
-        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.compile_blocks:
+        compile_blocks(vlm)
     loss = cfg.loss
     contrastive = ContrastiveLoss(kind=loss.contrastive, temperature=loss.temperature, learnable=loss.learnable_temperature)
     cafe_loss = CafeLoss(compute_language_loss=loss.compute_language_loss, compute_contrastive_loss=loss.compute_contrastive_loss,

@@ -26,6 +26,9 @@ def planned_steps(num_rows: int, cfg: ExperimentConfig) -> int:
 
 def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None = None,
                   storage_path: str | None = None) -> TorchTrainer:
+    if cfg.model.compile_blocks and cfg.train.zero_stage == 3:
+        raise ValueError("model.compile_blocks works with train.zero_stage 0-2: ZeRO-3 gathers each block's "
+                         "weights in module hooks, which compiled blocks would trace")
     dataset = ray.data.read_parquet(cfg.data.train_dir)
     total_steps = planned_steps(dataset.count(), cfg)
     loop_config = {
