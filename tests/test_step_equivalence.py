@@ -62,3 +62,26 @@ def test_packed_step_matches_three_pass(tiny_checkpoint, emb_type, multimodal):
     for name, g in ref_grads.items():
         err = (fast_grads[name] - g).norm() / torch.maximum(g.norm(), 1e-3 * scale)
         assert err <= 1e-4, (name, err.item(), g.norm().item())
+
+
+def test_packed_step_in_bfloat16(tiny_checkpoint):
+    """The training dtype on GPUs: the packed step casts what it must (image features, pooled
+    embeddings and logits to float32 for the losses) and lands near the float32 result."""
+    examples = make_examples(1, multimodal=True)
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        vlm, processor = load_vlm(tiny_checkpoint, dtype=dtype)
+        model = CafeModel(vlm, CafeLoss()).train()
+        batch = Collator(processor)(examples)
+        fast = model(batch.to("cpu", dtype))
+        fast.objective.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        ref = three_pass_step(model, {k: v.to("cpu", dtype) for k, v in three_pass_inputs(processor, examples, batch).items()})
+        losses[dtype] = (fast, ref)
+    for fast, ref in losses.values():
+        assert fast.lm_loss.dtype == fast.con_loss.dtype == torch.float32
+        torch.testing.assert_close(fast.lm_loss, ref.lm_loss.float(), rtol=1e-2, atol=0)
+        torch.testing.assert_close(fast.con_loss, ref.con_loss, rtol=1e-2, atol=0)
+    (full, _), (half, _) = losses[torch.float32], losses[torch.bfloat16]
+    torch.testing.assert_close(half.lm_loss, full.lm_loss.detach(), rtol=2e-2, atol=0)
+    torch.testing.assert_close(half.con_loss, full.con_loss.detach(), rtol=2e-2, atol=0)
