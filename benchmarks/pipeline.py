@@ -42,7 +42,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.ingest import PipelineOptions, run_pipeline  # noqa: E402
+from cafe.config import IngestConfig  # noqa: E402
+from pipelines.ingest import run_pipeline  # noqa: E402
 from pipelines.onevision import write_onevision_shard  # noqa: E402
 
 
@@ -119,11 +120,11 @@ def main() -> None:
         load = os.getloadavg()[0]
         times: dict[str, list[float]] = {"local": [], "ray": []}
         for executor in times:  # warm-up: imports, Ray worker processes
-            options = PipelineOptions(executor=executor, rows_per_shard=1, cpus_per_task=args.cpus_per_task)
+            options = IngestConfig(executor=executor, rows_per_shard=1, cpus_per_task=args.cpus_per_task)
             run_pipeline(input_dir=str(work / "warm"), output_dir=str(work / f"warm-out-{executor}"), options=options)
         for _ in range(args.repeat):
             for executor in times:
-                options = PipelineOptions(executor=executor, rows_per_shard=args.rows_per_shard, cpus_per_task=args.cpus_per_task)
+                options = IngestConfig(executor=executor, rows_per_shard=args.rows_per_shard, cpus_per_task=args.cpus_per_task)
                 start = time.perf_counter()
                 summary = run_pipeline(input_dir=str(work / "in"), output_dir=str(work / f"out-{executor}"), options=options)
                 times[executor].append(time.perf_counter() - start)

@@ -37,6 +37,26 @@ class ScenesConfig:
 
 
 @dataclass(kw_only=True)
+class IngestConfig:
+    """How `pipelines` converts the input. Only the first six change the output bytes."""
+
+    max_image_pixels: int = 25_000_000
+    max_text_chars: int = 32_768
+    max_side: int = 0  # resize keeping aspect so that max(width, height) <= max_side; 0: keep the size
+    multimodal_input: bool = False  # derive query/target fields, for subsets that do not say
+    rows_per_shard: int = 512  # rows per work unit, hence at most this many rows per output shard
+    compression: str = "zstd"  # text columns; encoded image columns are stored uncompressed
+    executor: Literal["ray", "local"] = "ray"  # "local": the same units in a one-process loop
+    # CPUs one conversion task asks Ray for. Fractional so that tasks fit beside training
+    # workers on a shared node. On a node with nothing else to run, 1.0 is faster for short
+    # jobs: with 0.5, Ray runs two tasks per CPU and starts workers beyond its one-per-CPU
+    # soft limit, which it reaps after a second idle, so every short job pays their start-up.
+    cpus_per_task: float = 0.5
+    max_concurrent_tasks: int = 0  # cap on concurrent tasks; 0: as many as fit
+    num_cpus: int = 0  # for ray.init when Ray is not running yet; 0: every CPU
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     raw_dir: str = "runs/demo/raw"  # OneVision-layout input (the scenes land here in the demo)
     dataset_yaml: str = ""  # subset selection; empty: every shard under raw_dir
@@ -44,6 +64,7 @@ class DataConfig:
     quarantine_dir: str = "runs/demo/quarantine"
     eval_dir: str = "runs/demo/raw/eval"  # held-out evaluation files in public layouts (scenes write them here)
     max_text_tokens: int = 384
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
 
 

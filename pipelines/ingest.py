@@ -36,6 +36,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from cafe.config import IngestConfig
 from cafe.schema import SCHEMA_VERSION
 from pipelines.plan import PipelineError, WorkUnit, plan_units
 from pipelines.records import REASONS, ConvertOptions
@@ -43,31 +44,11 @@ from pipelines.storage import Storage, StorageError, is_s3, join, normalise, red
 from pipelines.subsets import DatasetYamlError, SubsetSpec, discover_subsets, load_dataset_yaml
 from pipelines.units import UnitContext, process_unit
 
-__all__ = ["PipelineError", "PipelineOptions", "PipelineSummary", "run_from_config", "run_pipeline", "select_subsets"]
+__all__ = ["PipelineError", "PipelineSummary", "run_from_config", "run_pipeline", "select_subsets"]
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 _PLAN_THREADS = 8
-
-
-@dataclass(kw_only=True)
-class PipelineOptions:
-    """What to check and how to run. Only the first five change the output bytes."""
-
-    max_image_pixels: int = 25_000_000
-    max_text_chars: int = 32_768
-    max_side: int | None = None  # resize keeping aspect so that max(width, height) <= max_side
-    multimodal_input: bool = False  # default for subsets that do not set it
-    rows_per_shard: int = 512  # rows per work unit, hence at most this many rows per output shard
-    executor: Literal["ray", "local"] = "ray"  # "local": the same units in a one-process loop
-    # CPUs one conversion task asks Ray for. Fractional so that tasks fit beside training
-    # workers on a shared node. On a node with nothing else to run, 1.0 is faster for short
-    # jobs: with 0.5, Ray runs two tasks per CPU and starts workers beyond its one-per-CPU
-    # soft limit, which it reaps after a second idle, so every short job pays their start-up.
-    cpus_per_task: float = 0.5
-    max_concurrent_tasks: int | None = None  # cap on concurrent tasks; None: as many as fit
-    num_cpus: int | None = None  # for ray.init when Ray is not running yet
-    compression: str = "zstd"  # text columns; encoded image columns are stored uncompressed
 
 
 @dataclass(kw_only=True)
@@ -108,7 +89,7 @@ def run_pipeline(
     dataset_yaml: str | None = None,
     input_dir: str | None = None,
     subsets: list[SubsetSpec] | None = None,
-    options: PipelineOptions | None = None,
+    options: IngestConfig | None = None,
 ) -> PipelineSummary:
     """Convert the selected subsets into training Parquet under `output_dir`.
 
@@ -120,7 +101,7 @@ def run_pipeline(
         subsets: an already parsed selection (overrides the two above).
         options: checks and execution settings.
     """
-    options = options or PipelineOptions()
+    options = options or IngestConfig()
     if options.executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {options.executor!r}")
     start = time.perf_counter()
@@ -141,7 +122,7 @@ def run_pipeline(
     context = UnitContext(
         storage=storage,
         convert=ConvertOptions(
-            max_image_pixels=options.max_image_pixels, max_text_chars=options.max_text_chars, max_side=options.max_side
+            max_image_pixels=options.max_image_pixels, max_text_chars=options.max_text_chars, max_side=options.max_side or None
         ),
         compression=options.compression,
         train_staging=staging_path(output_dir),
@@ -185,14 +166,15 @@ def select_subsets(*, dataset_yaml: str | None = None, input_dir: str | None = N
     raise DatasetYamlError("give a dataset YAML or an input directory")
 
 
-def run_from_config(data: Any, *, options: PipelineOptions | None = None) -> PipelineSummary:
-    """Run for a `cafe.config.DataConfig`: its dataset YAML (or every shard under raw_dir)."""
+def run_from_config(data: Any) -> PipelineSummary:
+    """Run for a `cafe.config.DataConfig`: its dataset YAML (or every shard under raw_dir), with
+    its `ingest` settings."""
     return run_pipeline(
         output_dir=data.train_dir,
         quarantine_dir=data.quarantine_dir,
         dataset_yaml=data.dataset_yaml or None,
         input_dir=data.raw_dir,
-        options=options,
+        options=data.ingest,
     )
 
 
@@ -222,13 +204,13 @@ def _process_batch(batch: pa.Table, context: UnitContext) -> pa.Table:
     return pa.table({"report": [json.dumps(r) for r in reports]})
 
 
-def _run_units_with_ray(units: list[WorkUnit], context: UnitContext, options: PipelineOptions) -> list[dict[str, Any]]:
+def _run_units_with_ray(units: list[WorkUnit], context: UnitContext, options: IngestConfig) -> list[dict[str, Any]]:
     import ray
 
     if not units:
         return []
     if not ray.is_initialized():
-        ray.init(num_cpus=options.num_cpus, include_dashboard=False)
+        ray.init(num_cpus=options.num_cpus or None, include_dashboard=False)
     items = [{"unit": json.dumps(dataclasses.asdict(u), ensure_ascii=False)} for u in units]
     with _single_operator_data_context(ray.data.DataContext.get_current()):
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -238,7 +220,7 @@ def _run_units_with_ray(units: list[WorkUnit], context: UnitContext, options: Pi
             batch_format="pyarrow",
             fn_kwargs={"context": context},
             num_cpus=options.cpus_per_task,
-            compute=ray.data.TaskPoolStrategy(size=options.max_concurrent_tasks),
+            compute=ray.data.TaskPoolStrategy(size=options.max_concurrent_tasks or None),
         )
         return [json.loads(row["report"]) for row in ds.take_all()]
 
@@ -271,7 +253,7 @@ def _summarise(
     reports: list[dict[str, Any]],
     source_rows: dict[str, int],
     subsets: list[SubsetSpec],
-    options: PipelineOptions,
+    options: IngestConfig,
     output_dir: str,
     quarantine_dir: str,
 ) -> PipelineSummary:
@@ -380,19 +362,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-dir", help="without a YAML: every parquet shard under it, one subset per folder")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--quarantine-dir")
-    defaults = PipelineOptions()
+    defaults = IngestConfig()
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars)
-    parser.add_argument("--max-side", type=int, default=None, help="resize so the longer side is at most this")
+    parser.add_argument("--max-side", type=int, default=defaults.max_side, help="resize so the longer side is at most this")
     parser.add_argument("--multimodal-input", action="store_true")
     parser.add_argument("--rows-per-shard", type=int, default=defaults.rows_per_shard)
     parser.add_argument("--executor", choices=["ray", "local"], default=defaults.executor)
     parser.add_argument("--cpus-per-task", type=float, default=defaults.cpus_per_task)
-    parser.add_argument("--max-concurrent-tasks", type=int, default=None)
-    parser.add_argument("--num-cpus", type=int, default=None, help="ray.init(num_cpus=...) if Ray is not running")
+    parser.add_argument("--max-concurrent-tasks", type=int, default=defaults.max_concurrent_tasks)
+    parser.add_argument("--num-cpus", type=int, default=defaults.num_cpus, help="ray.init(num_cpus=...) if Ray is not running")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    options = PipelineOptions(
+    options = IngestConfig(
         max_image_pixels=args.max_image_pixels,
         max_text_chars=args.max_text_chars,
         max_side=args.max_side,

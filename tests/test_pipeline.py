@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cafe.config import IngestConfig, load_config
 from cafe.schema import QUARANTINE_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, TRAIN_SCHEMA
 from pipelines import units
-from pipelines.ingest import PipelineError, PipelineOptions, run_pipeline
+from pipelines.ingest import PipelineError, run_from_config, run_pipeline
 from pipelines.onevision import write_onevision_shard
 from pipelines.records import Rejected, check_conversation, normalise_conversation, prepare_image
 from pipelines.subsets import DatasetYamlError, discover_subsets, load_dataset_yaml
@@ -153,7 +154,7 @@ def test_planted_rows_ray_job_nothing_lost_and_deterministic(ray_cluster, plante
     out, quarantine = tmp_path / "train", tmp_path / "quarantine"
     run = lambda executor, out, q: run_pipeline(  # noqa: E731
         dataset_yaml=str(root / "datasets.yaml"), input_dir=str(root), output_dir=str(out), quarantine_dir=str(q),
-        options=PipelineOptions(executor=executor, **OPTIONS),
+        options=IngestConfig(executor=executor, **OPTIONS),
     )
     summary = run("ray", out, quarantine)
 
@@ -232,7 +233,7 @@ def test_multimodal_input_resize_and_sampling(tmp_path):
     (tmp_path / "d.yaml").write_text(
         f"datasets:\n  - name: mm\n    path: {tmp_path / 'in' / 'mm'}\n    sampling_ratio: 0.5\n    multimodal_input: true\n"
     )
-    options = PipelineOptions(executor="local", max_side=16, rows_per_shard=16)
+    options = IngestConfig(executor="local", max_side=16, rows_per_shard=16)
     first = run_pipeline(dataset_yaml=str(tmp_path / "d.yaml"), output_dir=str(tmp_path / "o1"), options=options)
     second = run_pipeline(dataset_yaml=str(tmp_path / "d.yaml"), output_dir=str(tmp_path / "o2"), options=options)
     assert first.read + first.sampled_out == 60 and 15 <= first.read <= 45 and first.quarantined == 0
@@ -242,6 +243,21 @@ def test_multimodal_input_resize_and_sampling(tmp_path):
     n = int(row["id"].split("/r")[1])
     assert (row["query_text"], row["target_text"], row["pair_text"]) == ("What is shown?", f"Caption {n}.", f"Caption {n}.")
     assert (row["width"], row["height"]) == (16, 8) == Image.open(io.BytesIO(row["image"])).size
+
+
+def test_experiment_config_sets_the_conversion(tmp_path):
+    """`cafe data --set data.ingest.<key>=...` reaches the job: resize, executor, shard size."""
+    rows = [ov_row(f"r{i}", fv(ASK, ("gpt", f"Caption {i}.")), jpeg(64, 32)) for i in range(5)]
+    write_onevision_shard(rows, str(tmp_path / "raw" / "s" / "a.parquet"))
+    cfg = load_config("configs/demo.yaml", [
+        f"data.raw_dir={tmp_path / 'raw'}", "data.dataset_yaml=''", f"data.train_dir={tmp_path / 'train'}",
+        f"data.quarantine_dir={tmp_path / 'q'}", "data.ingest.max_side=16", "data.ingest.executor=local",
+        "data.ingest.rows_per_shard=2",
+    ])
+    summary = run_from_config(cfg.data)
+    assert summary.written == 5 and len(summary.train_files) == 3
+    assert summary.options["max_side"] == 16 and summary.options["rows_per_shard"] == 2
+    assert {(r["width"], r["height"]) for r in read_dir(tmp_path / "train")} == {(16, 8)}
 
 
 def test_conversation_styles_normalise_alike():
@@ -294,7 +310,7 @@ def test_dataset_yaml_errors_name_subset_and_problem(tmp_path, entry, message):
 def test_missing_path_and_bad_top_level_are_clear(tmp_path):
     (tmp_path / "d.yaml").write_text(f"datasets:\n  - name: gone\n    path: {tmp_path / 'nowhere'}/\n")
     with pytest.raises(DatasetYamlError, match=r"subset 'gone': path .*nowhere' does not exist"):
-        run_pipeline(dataset_yaml=str(tmp_path / "d.yaml"), output_dir=str(tmp_path / "o"), options=PipelineOptions(executor="local"))
+        run_pipeline(dataset_yaml=str(tmp_path / "d.yaml"), output_dir=str(tmp_path / "o"), options=IngestConfig(executor="local"))
     assert not (tmp_path / "o").exists()
     (tmp_path / "e.yaml").write_text("subsets: []\n")
     with pytest.raises(DatasetYamlError, match="'datasets' list"):
@@ -307,7 +323,7 @@ def test_no_yaml_every_folder_is_a_subset(tmp_path):
     (tmp_path / "raw" / "eval").mkdir()
     pq.write_table(pa.table({"image": [b"x"], "caption": [["a caption"]]}), tmp_path / "raw" / "eval" / "test.parquet")
     assert [s.name for s in discover_subsets(str(tmp_path / "raw"))] == ["a_set", "b_set"]
-    summary = run_pipeline(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "o"), options=PipelineOptions(executor="local"))
+    summary = run_pipeline(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "o"), options=IngestConfig(executor="local"))
     assert [r["id"] for r in read_dir(tmp_path / "o")] == ["a_set/1", "b_set/1"] and summary.written == 2
 
 
@@ -324,7 +340,7 @@ def test_example_dataset_yamls_parse(tmp_path):
 
 def test_failed_run_leaves_previous_output(tmp_path, monkeypatch):
     write_onevision_shard([ov_row(str(i), fv(ASK, ANSWER), jpeg()) for i in range(6)], str(tmp_path / "in" / "s" / "a.parquet"))
-    options = PipelineOptions(executor="local", rows_per_shard=2)
+    options = IngestConfig(executor="local", rows_per_shard=2)
     run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"), options=options)
     before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
     real_write = units._write
@@ -350,7 +366,7 @@ def test_unreadable_chunk_is_quarantined_by_position(tmp_path, monkeypatch):
         return real_load(unit, storage)
 
     monkeypatch.setattr(units, "_load_rows", load_rows)
-    options = PipelineOptions(executor="local", rows_per_shard=2)
+    options = IngestConfig(executor="local", rows_per_shard=2)
     summary = run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"), options=options)
     assert (summary.read, summary.written, summary.quarantined_by_reason) == (5, 2, {"unreadable_source": 3})
     assert [json.loads(r["raw"])["_origin"]["row"] for r in read_dir(tmp_path / "o-quarantine")] == [2, 3, 4]
@@ -361,7 +377,7 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("keep me")
     with pytest.raises(PipelineError, match="refusing to replace"):
-        run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "home"), options=PipelineOptions(executor="local"))
+        run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "home"), options=IngestConfig(executor="local"))
     assert (tmp_path / "home" / "notes.txt").read_text() == "keep me"
 
 
@@ -374,7 +390,7 @@ def test_summary_logged_to_active_mlflow_run(tmp_path, monkeypatch):
     )
     monkeypatch.setitem(__import__("sys").modules, "mlflow", fake)
     write_onevision_shard([ov_row("1", fv(ASK, ANSWER), jpeg()), ov_row("2", fv(ASK), jpeg())], str(tmp_path / "in" / "s" / "a.parquet"))
-    summary = run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"), options=PipelineOptions(executor="local"))
+    summary = run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"), options=IngestConfig(executor="local"))
     metrics = logged["metrics"]
     assert (metrics["data/read"], metrics["data/written"], metrics["data/quarantined"]) == (2, 1, 1)
     assert metrics["data/quarantined/no_assistant_turn"] == 1 and metrics["data/quarantined/duplicate_id"] == 0

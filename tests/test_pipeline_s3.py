@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from cafe.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY
-from pipelines.ingest import PipelineOptions, run_pipeline
+from cafe.config import IngestConfig
+from pipelines.ingest import run_pipeline
 from pipelines.onevision import write_onevision_shard
 from pipelines.storage import Storage, StorageError
 from pipelines.subsets import DatasetYamlError
@@ -80,7 +81,7 @@ def test_s3_input_and_output(ray_cluster, s3, tmp_path, caplog):
         "  - name: llava\n    path: ${raw_dir}/llava/data.json\n    format: llava_json\n"
     )
     out, quarantine = f"s3://{BUCKET}/runs/train", f"s3://{BUCKET}/runs/quarantine"
-    options = PipelineOptions(executor="ray", rows_per_shard=2)
+    options = IngestConfig(executor="ray", rows_per_shard=2)
     with caplog.at_level(logging.INFO):
         summary = run_pipeline(dataset_yaml=str(yaml_path), input_dir=root, output_dir=out, quarantine_dir=quarantine, options=options)
 
@@ -115,10 +116,10 @@ def test_s3_missing_prefix_and_embedded_credentials(s3, tmp_path):
     yaml_path = tmp_path / "d.yaml"
     yaml_path.write_text(f"datasets:\n  - name: nothing\n    path: s3://{BUCKET}/no/such/prefix/\n")
     with pytest.raises(DatasetYamlError, match="subset 'nothing': path 's3://cafe-data/no/such/prefix' does not exist"):
-        run_pipeline(dataset_yaml=str(yaml_path), output_dir=f"s3://{BUCKET}/x/train", options=PipelineOptions(executor="local"))
+        run_pipeline(dataset_yaml=str(yaml_path), output_dir=f"s3://{BUCKET}/x/train", options=IngestConfig(executor="local"))
     yaml_path.write_text(f"datasets:\n  - name: leaky\n    path: s3://AKIA:{SECRET}@{BUCKET}/data/\n")
     with pytest.raises(DatasetYamlError) as err:
-        run_pipeline(dataset_yaml=str(yaml_path), output_dir=f"s3://{BUCKET}/x/train", options=PipelineOptions(executor="local"))
+        run_pipeline(dataset_yaml=str(yaml_path), output_dir=f"s3://{BUCKET}/x/train", options=IngestConfig(executor="local"))
     assert "must not embed credentials" in str(err.value) and SECRET not in str(err.value)
     with pytest.raises(StorageError):
         s3.resolve(f"s3://{BUCKET}/data?endpoint_override=evil:9000")
