@@ -32,6 +32,13 @@ WORDS = ("red green blue yellow purple orange circle square triangle star diamon
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def tokenizer_corpus(sentences: int = 200, seed: int = 0) -> list[str]:
+    """Sentences of the benchmark's words, so the tokenizer learns whole words (" red" is one
+    token, as with a real tokenizer) and an answer of N words is about N tokens."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(sentences)]
+
+
 def make_examples(batch: int, crops: int, image_size: int, answer_words: int, seed: int = 0) -> list[Example]:
     rng = random.Random(seed)
     examples = []
@@ -138,7 +145,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--crops", type=int, default=2, help="views per image: the base view + (crops-1) tiles")
-    parser.add_argument("--answer-words", type=int, default=60)
+    parser.add_argument("--answer-words", type=int, default=80, help="about one token each")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per path, alternating; the median counts")
     parser.add_argument("--recompute", choices=["on", "off"], default=None,
@@ -156,7 +163,7 @@ def main() -> None:
     spec.crops_wide = max(1, args.crops - 1)
     torch.manual_seed(0)
     with torch.device(device):
-        vlm, processor = build_random_model(WORDS * 20, spec)
+        vlm, processor = build_random_model(tokenizer_corpus(), spec)
     vlm.config._attn_implementation = "sdpa"
     examples = make_examples(args.batch, args.crops, spec.image_size, args.answer_words)
 
