@@ -181,7 +181,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCa
             causal = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
             blocks.append(sdpa(q_block, k[:, :, :end], v[:, :, :end], attn_mask=causal))
         out = torch.cat(blocks, dim=2)
-    return out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[3])
+    return out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])
 
 
 @torch.compiler.disable  # plan-driven Python control flow: compiled blocks run it eagerly, without recompiling
