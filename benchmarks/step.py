@@ -19,7 +19,6 @@ import time
 import torch
 from PIL import Image
 
-from cafe.attention import plan_packed_attention
 from cafe.batch import Collator, Example
 from cafe.compile import compile_blocks
 from cafe.losses import CafeLoss
@@ -75,7 +74,7 @@ def step_flops(vlm, batch, *, recompute: bool) -> float:
     its tower once, attention over the pairs the packed mask allows, logits at labelled positions."""
     return (4.0 if recompute else 3.0) * _forward_flops(
         vlm, lm_tokens=int((batch.unit >= 0).sum()), vision_tokens=_vision_tokens(vlm, batch.pixel_values),
-        pairs=plan_packed_attention(batch.unit, batch.branch).pairs, logit_rows=int((batch.lm_targets != -100).sum()))
+        pairs=batch.attention.pairs, logit_rows=int((batch.lm_targets != -100).sum()))
 
 
 def three_pass_flops(vlm, inputs: dict, *, recompute: bool) -> float:

@@ -26,8 +26,7 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from cafe.batch import TRUNK
-
+TRUNK, CONVERSATION, QUERY = 0, 1, 2  # branch ids inside a unit (`cafe.batch`)
 BASES = ("sdpa", "eager")
 LENGTH_RATIO = 0.8  # causal sequences shorter than this fraction of their batch's longest start a new batch
 # PyTorch's CPU flash kernel scores whole key blocks (up to 512 keys) even under is_causal, so a
@@ -56,6 +55,12 @@ class PackedAttention:
     key_index: torch.Tensor  # (sum of sequences * keys,) token of each gathered key / value
     output: torch.Tensor  # (rows * length,) row of the concatenated outputs for each token; padding: the zero row
     pairs: int  # (query, key) pairs the mask allows, padding aside: the attention work
+
+    def to(self, device: torch.device | str) -> "PackedAttention":
+        calls = [AttentionCall(c.sequences, c.queries, c.keys, None if c.mask is None else c.mask.to(device))
+                 for c in self.calls]
+        return PackedAttention(calls=calls, query_index=self.query_index.to(device), key_index=self.key_index.to(device),
+                               output=self.output.to(device), pairs=self.pairs)
 
 
 def _runs(unit: torch.Tensor, branch: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -113,7 +118,8 @@ def _length_batches(sequences: list[tuple[int, int]]) -> list[list[tuple[int, in
 
 
 def plan_packed_attention(unit: torch.Tensor, branch: torch.Tensor) -> PackedAttention:
-    """The attention plan of packed rows (`PackedBatch.unit` / `.branch`), on their device."""
+    """The attention plan of packed rows (`PackedBatch.unit` / `.branch`), on their device.
+    The collator builds it on the CPU, so the step never waits for a device-to-host copy."""
     device, unit, branch = unit.device, unit.cpu(), branch.cpu()
     sequences, branches = _unit_spans(unit, branch)
     output = torch.full((unit.numel(),), -1, dtype=torch.long)

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from cafe.attention import CONVERSATION, QUERY, TRUNK, PackedAttention, plan_packed_attention
 from cafe.prompts import IGNORE_INDEX, IMAGE_TOKEN, strip_image_tokens
 from cafe.sequences import Sequence, encode_conversation, encode_embedding_prompt, expand_image_tokens
-
-TRUNK, CONVERSATION, QUERY = 0, 1, 2  # branch ids inside a unit
 
 
 @dataclass(slots=True)
@@ -49,6 +48,7 @@ class PackedBatch:
     batch_num_images: list[int]  # images per prompt group, as the vision tower expects
     tokens_per_image: list[int]
     num_examples: int
+    attention: PackedAttention  # which tokens attend to which: built here, on the CPU, once per batch
     # unpacked sequences (expanded), kept for the plain three-pass reference and for debugging
     sequences: list[dict[str, tuple[list[int], list[int], list[int]]]]
 
@@ -58,6 +58,8 @@ class PackedBatch:
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):
                 value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None)
+            elif isinstance(value, PackedAttention):
+                value = value.to(device)
             moved[name] = value
         return PackedBatch(**moved)
 
@@ -180,6 +182,7 @@ class Collator:
         packed = torch.tensor([[t for tokens in units for t in tokens]], dtype=torch.long)  # (1, tokens, 5)
         input_ids, position_ids, branch, feature_index, lm_targets = packed.unbind(-1)
         unit_ids = torch.tensor([[u for u, tokens in enumerate(units) for _ in tokens]], dtype=torch.long)
+        branch = branch.contiguous()
         emb_last, emb_positions, emb_owner = [], [], []
         for e, (u, span) in enumerate(zip(emb_units, emb_spans)):
             flat = [unit_start[u] + k for k in span]
@@ -190,7 +193,7 @@ class Collator:
             input_ids=input_ids.contiguous(),
             position_ids=position_ids.contiguous(),
             unit=unit_ids,
-            branch=branch.contiguous(),
+            branch=branch,
             feature_index=feature_index.contiguous(),
             lm_targets=lm_targets.contiguous(),
             emb_last=torch.tensor(emb_last, dtype=torch.long),
@@ -201,6 +204,7 @@ class Collator:
             batch_num_images=image_inputs["batch_num_images"] if image_inputs else [],
             tokens_per_image=per_image,
             num_examples=len(expanded),
+            attention=plan_packed_attention(unit_ids, branch),
             sequences=expanded,
         )
 

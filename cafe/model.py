@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-from cafe.attention import plan_packed_attention, route_packed_attention
+from cafe.attention import route_packed_attention
 from cafe.batch import PackedBatch
 from cafe.losses import CafeLoss, LossTerms
 from cafe.prompts import IGNORE_INDEX
@@ -67,9 +67,9 @@ class CafeModel(nn.Module):
             embeds = embeds.view(*batch.input_ids.shape, -1)
         language_model = self.vlm.model.language_model
         route_packed_attention(language_model.config)
-        plan = plan_packed_attention(batch.unit, batch.branch)
         return language_model(
-            inputs_embeds=embeds, attention_mask={"full_attention": plan}, position_ids=batch.position_ids, use_cache=False
+            inputs_embeds=embeds, attention_mask={"full_attention": batch.attention}, position_ids=batch.position_ids,
+            use_cache=False,
         ).last_hidden_state
 
     def pool(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cafe.attention import packed_attention_forward, plan_packed_attention, route_packed_attention
-from cafe.batch import CONVERSATION, QUERY, TRUNK, Collator, Example
+from cafe.attention import (CONVERSATION, QUERY, TRUNK, packed_attention_forward, plan_packed_attention,
+                            route_packed_attention)
+from cafe.batch import Collator, Example
 from cafe.losses import CafeLoss
 from cafe.model import CafeModel, load_vlm
 from tests.conftest import random_image
