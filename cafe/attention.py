@@ -178,6 +178,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCa
 
     sdpa = partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scale, enable_gqa=True)
     q, k, v = sequences(q, call.queries), sequences(k, call.keys), sequences(v, call.keys)
+    if call.mask is not None:  # SDPA's fused CUDA kernels take a mask or grouped KV heads, not both
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     if call.mask is not None or q.device.type != "cpu" or call.queries <= 2 * CPU_QUERY_BLOCK:
         out = sdpa(q, k, v, attn_mask=call.mask, is_causal=call.mask is None)
     else:  # causal on CPU: query blocks, each against the keys up to its end (lower-right causal mask)
