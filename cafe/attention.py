@@ -1,6 +1,6 @@
 """Attention over packed CAFe rows that scores only the pairs the tree mask allows.
 
-As a dense (L, L) mask per row (`cafe.model.packed_attention_mask`), SDPA would score every pair
+As a dense (L, L) mask per row (`tests/test_packed_attention.py` builds one), SDPA would score every pair
 of a row although fewer than half are allowed: units sit side by side in a row, and a unit's
 query branch sits beside its conversation. Here a unit's trunk and first branch form one causal
 sequence; those sequences are batched by length and run through causal SDPA without a mask
@@ -46,9 +46,9 @@ class AttentionCall:
 
 @dataclass(frozen=True, slots=True)
 class PackedAttention:
-    """Where each attention call of a packed forward takes its tokens from, built once per
-    forward and shared by every layer. Queries (and keys) of all calls are gathered with one
-    index each, so autograd scatters each gradient back once, not once per call."""
+    """Where each attention call of a packed forward takes its tokens from, built once per batch
+    (by the collator) and shared by every layer. Queries (and keys) of all calls are gathered
+    with one index each, so autograd scatters each gradient back once, not once per call."""
 
     calls: list[AttentionCall]  # causal length batches, then the branch call if any
     query_index: torch.Tensor  # (sum of sequences * queries,) token of each gathered query, calls in order
