@@ -81,14 +81,14 @@ def three_pass_flops(vlm, inputs: dict, *, recompute: bool) -> float:
     """FLOPs of the three-pass step as it executes: padded tokens, causal pairs of each padded
     row, full-vocabulary logits everywhere, the vision tower in each pass with images (fwd + bwd,
     and a second forward with recompute) plus the blank-image pass (forward only: nothing reads it)."""
-    total = 0.0
+    total, passes = 0.0, 4.0 if recompute else 3.0
     for name, p in inputs.items():
         rows, length = p.input_ids.shape
-        pixels = p.vision.get("pixel_values")
-        total += (4.0 if recompute else 3.0) * _forward_flops(vlm, lm_tokens=rows * length, vision_tokens=_vision_tokens(vlm, pixels),
-                                      pairs=rows * length * (length + 1) // 2, logit_rows=rows * length)
+        vision_tokens = _vision_tokens(vlm, p.vision.get("pixel_values"))
+        total += passes * _forward_flops(vlm, lm_tokens=rows * length, vision_tokens=vision_tokens,
+                                         pairs=rows * length * (length + 1) // 2, logit_rows=rows * length)
         if name == "conversation":
-            total += _forward_flops(vlm, lm_tokens=0, vision_tokens=_vision_tokens(vlm, pixels), pairs=0, logit_rows=0)
+            total += _forward_flops(vlm, lm_tokens=0, vision_tokens=vision_tokens, pairs=0, logit_rows=0)
     return total
 
 
@@ -99,7 +99,7 @@ class Timer:
     def __init__(self, step_fn, optimizer, device: torch.device) -> None:
         self.step_fn, self.optimizer, self.device = step_fn, optimizer, device
         self.rounds: list[float] = []
-        self.peak_gib = float("nan")
+        self.peaks_gib: list[float] = []  # CUDA only
         self.loss = float("nan")
 
     def _step(self):
@@ -128,11 +128,13 @@ class Timer:
         self.rounds.append((time.perf_counter() - start) / steps)
         self.loss = float(terms.loss)
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            self.peak_gib = peak if self.peak_gib != self.peak_gib else max(self.peak_gib, peak)
+            self.peaks_gib.append(torch.cuda.max_memory_allocated() / 2**30)
 
     def seconds(self) -> float:
         return statistics.median(self.rounds)
+
+    def peak_gib(self) -> float:
+        return max(self.peaks_gib, default=float("nan"))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -221,7 +223,7 @@ def main() -> None:
         spread = f"{min(timer.rounds) * 1000:.0f}-{max(timer.rounds) * 1000:.0f}"
         rate = work_of[label] / s
         mfu = f"{rate / peak:.1%}" if peak else "n/a"
-        print(f"{label:<12}{s * 1000:>10.1f}{spread:>14}{args.batch / s:>12.1f}{timer.peak_gib:>10.1f}{rate / 1e12:>9.2f}"
+        print(f"{label:<12}{s * 1000:>10.1f}{spread:>14}{args.batch / s:>12.1f}{timer.peak_gib():>10.1f}{rate / 1e12:>9.2f}"
               f"{mfu:>7}{timer.loss:>9.4f}")
     print(f"speedup: {timers['three-pass'].seconds() / timers['packed'].seconds():.2f}x")
 
