@@ -92,7 +92,7 @@ class Collator:
         self.with_con = compute_contrastive_loss
         self.max_text_tokens = max_text_tokens
 
-    def _encode_images(self, groups: list[list[Image.Image]]) -> tuple[dict | None, list[int]]:
+    def encode_images(self, groups: list[list[Image.Image]]) -> tuple[dict | None, list[int]]:
         flat = [img for group in groups for img in group]
         if not flat:
             return None, []
@@ -134,7 +134,7 @@ class Collator:
         return self._finish(groups, seqs)
 
     def _finish(self, groups, seqs) -> PackedBatch:
-        image_inputs, per_image = self._encode_images(groups)
+        image_inputs, per_image = self.encode_images(groups)
         expanded = [{k: expand_image_tokens(s, self.image_token_id, per_image) for k, s in entry.items()} for entry in seqs]
         if self.max_text_tokens:
             for entry in expanded:

@@ -101,12 +101,49 @@ class TrainConfig:
     max_failures: int = 0
 
 
+SUITES = ("retrieval", "mmeb", "pope", "generation")
+
+
+@dataclass(kw_only=True)
+class EvalDataset:
+    """One evaluation set. Relative paths are read under `data.eval_dir`."""
+
+    name: str = "scenes"
+    path: str = ""  # retrieval / pope / generation: a parquet file (or folder); mmeb: the folder of subsets
+    image_root: str = ""  # where relative image paths point (MMEB's eval_images/, POPE's image folder)
+
+
+@dataclass(kw_only=True)
+class EvalSuite:
+    suite: Literal["retrieval", "mmeb", "pope", "generation"] = "retrieval"
+    datasets: list[EvalDataset] = field(default_factory=list)
+
+
+def _scene_suites() -> list[EvalSuite]:
+    """The embedded scenes in every suite (files written by `pipelines.scenes`)."""
+    return [
+        EvalSuite(suite="retrieval", datasets=[EvalDataset(path="retrieval/scenes/test.parquet")]),
+        EvalSuite(suite="mmeb", datasets=[EvalDataset(path="mmeb/scenes", image_root="mmeb/scenes/eval_images")]),
+        EvalSuite(suite="pope", datasets=[EvalDataset(path="pope/scenes/test.parquet")]),
+        EvalSuite(suite="generation", datasets=[EvalDataset(path="generation/scenes/test.parquet")]),
+    ]
+
+
 @dataclass(kw_only=True)
 class EvalConfig:
+    suites: list[EvalSuite] = field(default_factory=_scene_suites)
+    every_steps: int = 0  # score the suites on the live weights every N training steps; 0: only before/after
     batch_size: int = 32
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    mmeb_subsets: list[str] = field(default_factory=list)  # empty: every subset found
+    # meta task of subsets outside the public 36 (the scenes' own, or yours)
+    mmeb_meta_tasks: dict[str, str] = field(
+        default_factory=lambda: {"SceneCaption_i2t": "retrieval", "SceneVQA": "vqa"})
+    max_new_tokens: int = 24  # greedy decoding budget for POPE and QA answers
+    qa_max_words: int = 3  # an assistant turn this short is a QA answer (exact match); longer ones are captions
+    caption_samples: int = 4  # held-out captions generated greedily and shown in the report beside their truth
 
 
 @dataclass(kw_only=True)
@@ -144,6 +181,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_type, f"{key} key"): _coerce(v, value_type, f"{key}[{k!r}]") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: unions are not supported in configs")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -199,6 +241,10 @@ def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             flat.update(to_flat_dict(value, key + "."))
+        elif isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            flat[key] = [dataclasses.asdict(v) for v in value]  # readable as a param, like the YAML
         else:
             flat[key] = value
     return flat

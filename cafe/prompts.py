@@ -51,15 +51,29 @@ def chat_pieces(messages: list[dict], add_generation_prompt: bool = False) -> li
 def embedding_messages(text: str | None, num_images: int) -> list[dict]:
     """The user turn that asks for a one-word summary; its last token's state is the embedding.
 
-    Image-only inputs get the image instruction; anything with text gets the sentence one."""
+    Image-only inputs get the image instruction; anything with text gets the sentence one.
+    Images go first unless the text already holds their `<image>` tokens."""
     if not text and num_images == 0:
         raise ValueError("an embedding input needs text or at least one image")
-    parts = [IMAGE_TOKEN] * num_images
+    placed = text.count(IMAGE_TOKEN) if text else 0  # MMEB-style texts place their own image tokens
+    if placed and placed != num_images:
+        raise ValueError(f"text places {placed} image tokens for {num_images} images")
+    parts = [] if placed else [IMAGE_TOKEN] * num_images
     if text:
         parts += [text, TEXT_EMBED_INSTRUCTION]
     else:
         parts.append(IMAGE_EMBED_INSTRUCTION)
     return [{"role": "user", "content": "\n".join(parts)}]
+
+
+def question_messages(question: str, num_images: int) -> list[dict]:
+    """A user turn asking `question` about the images; they go first, as in training rows,
+    unless the question already places its image tokens."""
+    if IMAGE_TOKEN in question:
+        if question.count(IMAGE_TOKEN) != num_images:
+            raise ValueError(f"question places {question.count(IMAGE_TOKEN)} image tokens for {num_images} images")
+        return [{"role": "user", "content": question}]
+    return [{"role": "user", "content": "\n".join([IMAGE_TOKEN] * num_images + [question])}]
 
 
 def strip_image_tokens(text: str) -> str:

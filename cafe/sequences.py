@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cafe.prompts import IGNORE_INDEX, chat_pieces, embedding_messages
+from cafe.prompts import IGNORE_INDEX, chat_pieces, embedding_messages, question_messages
 
 
 @dataclass(slots=True)
@@ -34,6 +34,12 @@ def encode_conversation(tokenizer, messages: list[dict], image_slots: list[int])
 
 def encode_embedding_prompt(tokenizer, text: str | None, image_slots: list[int]) -> Sequence:
     ids, _ = _encode_pieces(tokenizer, chat_pieces(embedding_messages(text, len(image_slots)), add_generation_prompt=True))
+    return Sequence(ids, [IGNORE_INDEX] * len(ids), list(image_slots))
+
+
+def encode_generation_prompt(tokenizer, question: str, image_slots: list[int]) -> Sequence:
+    """A single user turn and the assistant header: what greedy generation continues."""
+    ids, _ = _encode_pieces(tokenizer, chat_pieces(question_messages(question, len(image_slots)), add_generation_prompt=True))
     return Sequence(ids, [IGNORE_INDEX] * len(ids), list(image_slots))
 
 

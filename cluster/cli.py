@@ -16,7 +16,7 @@ COMMANDS = {
     "tiny": "build the tiny offline checkpoint at model.checkpoint",
     "data": "convert OneVision-layout input into training Parquet (+ quarantine)",
     "train": "train with Ray TorchTrainer + DeepSpeed; logs to MLflow",
-    "eval": "score retrieval for --checkpoint (default: output_dir/model)",
+    "eval": "score --checkpoint (default: output_dir/model) on eval.suites: retrieval, MMEB, POPE, generation",
 }
 
 
@@ -30,6 +30,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else in-process)")
         if name == "eval":
             p.add_argument("--checkpoint", help="model directory to score")
+            p.add_argument("--suite", help="comma-separated suites to score (default: every one in eval.suites)")
+            p.add_argument("--subset", help="comma-separated MMEB subsets (default: every subset found)")
+            p.add_argument("--step", type=int, default=0, help="MLflow step to log at (e.g. the checkpoint's training step)")
     return parser.parse_args(argv)
 
 
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from cluster import jobs  # heavy imports only once the config is known to be valid
     from cluster.session import init_ray
+    from evaluation.suites import prepare_tasks
 
     if args.command == "scenes":
         print(json.dumps(jobs.prepare_scenes(cfg), indent=2))
@@ -49,6 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tiny":
         print(jobs.ensure_checkpoint(cfg))
         return 0
+    if args.command == "eval":
+        if args.subset:
+            cfg.eval.mmeb_subsets = args.subset.split(",")
+        checkpoint = Path(args.checkpoint or Path(cfg.output_dir, "model")).resolve()
+        try:  # user errors are one line, before Ray or MLflow start
+            if not (checkpoint / "config.json").is_file():
+                raise FileNotFoundError(f"--checkpoint {checkpoint} is not a model directory (no config.json); "
+                                        "train one first (`cafe train`) or pass an HF checkpoint directory")
+            tasks = prepare_tasks(cfg.eval, cfg.data.eval_dir, suites=args.suite.split(",") if args.suite else None)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"cafe eval: {err}", file=sys.stderr)
+            return 2
     init_ray(cfg, args.address)
     if args.command == "demo":
         result = jobs.demo(cfg)
@@ -58,20 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train":
         print(jobs.run_train(cfg))
     elif args.command == "eval":
-        checkpoint = Path(args.checkpoint or Path(cfg.output_dir, "model"))
-        print(json.dumps(jobs.run_eval(cfg, checkpoint, None, step=0, report_name="report.json"), indent=2))
+        print(json.dumps(jobs.run_eval(cfg, checkpoint, tasks=tasks, step=args.step), indent=2))
+        print(f"report: {Path(cfg.output_dir) / 'scorecard'}")
     return 0
 
 
 def print_demo(result: dict) -> None:
-    names = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5")
     print("\nCAFe demo finished")
     print(f"  data: {result['data']}")
-    for name in names:
-        key = f"eval/retrieval/scenes/{name}"
-        print(f"  {key}: untrained {result['untrained'][key]:.3f} -> trained {result['trained'][key]:.3f}")
-    print(f"  trained model : {result['model']}")
-    print(f"  report        : {result['report']}")
+    print(f"  scorecard, untrained -> trained after {result['steps']} steps:\n")
+    print(result["comparison"])
+    print(f"\n  trained model : {result['model']}")
+    print(f"  reports       : {result['reports']['untrained']}, {result['reports']['trained']}")
     print(f"  MLflow        : {result['tracking_uri']} (run {result['run_id']}); "
           f"view with: mlflow ui --backend-store-uri {result['tracking_uri']} --host 127.0.0.1")
 

@@ -1,16 +1,21 @@
 """Job entrypoints: each stage alone, and the whole flow (`demo`)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow import MlflowClient
 
 from cafe.config import ExperimentConfig, to_flat_dict, to_yaml
 from cafe.tiny import build_tiny_checkpoint
-from evaluation.run import evaluate_retrieval
+from evaluation.run import RunRef, evaluate_checkpoint
+from evaluation.scorecard import comparison_markdown
+from evaluation.suites import SuiteTask
 from pipelines.ingest import run_from_config
 from pipelines.scenes import scene_corpus, write_scene_dataset
 from trainers.run import train
@@ -54,7 +59,7 @@ def tracked_run(cfg: ExperimentConfig) -> Iterator[str]:
 def run_train(cfg: ExperimentConfig) -> Path:
     ensure_checkpoint(cfg)
     with tracked_run(cfg) as run_id:
-        return train(cfg, run_id)
+        return train(cfg, run_id)[0]
 
 
 def run_data(cfg: ExperimentConfig, run_id: str | None = None):
@@ -65,16 +70,29 @@ def run_data(cfg: ExperimentConfig, run_id: str | None = None):
         return run_from_config(cfg.data)
 
 
-def run_eval(cfg: ExperimentConfig, checkpoint: Path, run_id: str | None, *, step: int, report_name: str) -> dict:
-    tracking = (cfg.tracking.tracking_uri, run_id) if run_id else None
-    return evaluate_retrieval(checkpoint, cfg.data.eval_dir, config=cfg.eval, name="scenes",
-                              tracking=tracking, report_path=Path(cfg.output_dir) / report_name,
-                              use_gpu=cfg.train.use_gpu, step=step)
+def run_eval(cfg: ExperimentConfig, checkpoint: Path, *, tasks: list[SuiteTask] | None = None, step: int = 0,
+             label: str = "scorecard", run_id: str | None = None) -> dict[str, float]:
+    """Score a checkpoint on `tasks` (default: every configured suite); with no `run_id`, in an
+    new MLflow run of its own (each evaluation is its own record; nothing resumes it)."""
+    if run_id is not None:
+        return _score(cfg, checkpoint, tasks, step, label, run_id)
+    eval_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-eval-{checkpoint.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tracking=dataclasses.replace(cfg.tracking, run_name=f"eval {checkpoint.name}"))
+    with tracked_run(eval_cfg) as own_run:
+        return _score(cfg, checkpoint, tasks, step, label, own_run)
+
+
+def _score(cfg: ExperimentConfig, checkpoint: Path, tasks: list[SuiteTask] | None, step: int, label: str,
+           run_id: str) -> dict[str, float]:
+    card = evaluate_checkpoint(cfg, checkpoint, tasks=tasks, tracking=RunRef(cfg.tracking.tracking_uri, run_id),
+                               step=step, label=label)
+    return card.metrics
 
 
 def demo(cfg: ExperimentConfig) -> dict:
-    """Scenes -> training Parquet -> CAFe training on Ray + DeepSpeed -> retrieval evaluation,
-    all in one MLflow run; the untrained checkpoint is scored first as the baseline."""
+    """Scenes -> training Parquet -> CAFe training on Ray + DeepSpeed -> the scorecard, all in
+    one MLflow run; the untrained checkpoint is scored first as the baseline (step 0), the
+    trained one at its last training step."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
@@ -82,17 +100,22 @@ def demo(cfg: ExperimentConfig) -> dict:
     base = ensure_checkpoint(cfg)
     with tracked_run(cfg) as run_id:
         summary = run_data(cfg, run_id)
-        before = run_eval(cfg, base, run_id, step=0, report_name="report_untrained.json")
-        model_dir = train(cfg, run_id)
-        after = run_eval(cfg, model_dir, run_id, step=1, report_name="report.json")
+        before = run_eval(cfg, base, step=0, label="untrained", run_id=run_id)
+        model_dir, steps = train(cfg, run_id)
+        after = run_eval(cfg, model_dir, step=steps, label="trained", run_id=run_id)
+        comparison = comparison_markdown({"untrained": before, "trained": after})
+        (out / "comparison.md").write_text(comparison + "\n")
+        MlflowClient(cfg.tracking.tracking_uri).log_artifact(run_id, str(out / "comparison.md"), "scorecards")
     result = {
         "run_id": run_id,
         "tracking_uri": cfg.tracking.tracking_uri,
         "model": str(model_dir),
-        "report": str(out / "report.json"),
+        "steps": steps,
+        "reports": {"untrained": str(out / "untrained"), "trained": str(out / "trained")},
         "data": {"read": summary.read, "written": summary.written, "quarantined": summary.quarantined},
         "untrained": before,
         "trained": after,
+        "comparison": comparison,
     }
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2))
     return result

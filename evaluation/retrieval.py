@@ -9,10 +9,39 @@ on the order of the gallery. Pure torch; memory is bounded by scoring in chunks 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 CHUNK = 1024  # queries scored at once: a (CHUNK, gallery) similarity block
+
+
+@dataclass(slots=True)
+class RetrievalSet:
+    """A test set in the flickr_1k / coco_5k layout: one row per image with its caption list."""
+
+    img_ids: list[str]
+    images: list[bytes | None]  # encoded
+    captions: list[str]  # flattened over images
+    text_to_image: torch.Tensor  # (captions,) int64 row of `images` each caption describes
+
+
+def load_retrieval_set(path: str | Path) -> RetrievalSet:
+    table = pq.read_table(path, columns=["image", "caption", "img_id"])
+    captions, owners = [], []
+    for row, caps in enumerate(table["caption"].to_pylist()):
+        if not caps:
+            raise ValueError(f"{path}: image {table['img_id'][row]} (row {row}) has no captions")
+        captions += caps
+        owners += [row] * len(caps)
+    return RetrievalSet(
+        img_ids=[str(i) for i in table["img_id"].to_pylist()],
+        images=[img and img["bytes"] for img in table["image"].to_pylist()],
+        captions=captions,
+        text_to_image=torch.tensor(owners, dtype=torch.long),
+    )
 
 
 def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor,

@@ -6,8 +6,10 @@ so every answer is exactly true. `write_scene_dataset` writes the files in publi
 
     out_dir/onevision/scenes_caption/train-0000i-of-0000n.parquet   LLaVA-OneVision-Data
     out_dir/eval/retrieval/scenes/test.parquet                      nlphuji flickr_1k layout
-    out_dir/eval/pope/scenes/{questions.jsonl, images/*.png}        POPE json-lines
-    out_dir/eval/mmeb/scenes_{i2t,vqa}.parquet + images/*.png       MMEB-eval (first target positive)
+    out_dir/eval/pope/scenes/test.parquet                           lmms-eval POPE (3 categories)
+    out_dir/eval/mmeb/scenes/<Subset>/test-00000-of-00001.parquet   MMEB-eval (first target positive)
+    out_dir/eval/mmeb/scenes/eval_images/*.png                      MMEB images (paths relative here)
+    out_dir/eval/generation/scenes/test.parquet                     held-out conversations (OneVision layout)
     out_dir/scene_graphs/{train,eval}.jsonl                         the exact scene graphs
 
 Scene graphs are split between train and eval by a hash of the graph itself, so no held-out
@@ -52,10 +54,12 @@ NUMBER_WORDS = ("zero", "one", "two", "three")
 SUBSET = "scenes_caption"
 HELD_OUT_FRACTION = 8  # one graph in 8 belongs to the evaluation side
 MMEB_CANDIDATES = 10
-MMEB_META_TASKS = {"i2t": "retrieval", "vqa": "vqa"}
+POPE_CATEGORIES = ("random", "popular", "adversarial")
+MMEB_I2T, MMEB_VQA = "SceneCaption_i2t", "SceneVQA"  # our own subsets, named apart from MMEB's
+SCENE_MMEB_META_TASKS = {MMEB_I2T: "retrieval", MMEB_VQA: "vqa"}
 MMEB_INSTRUCTIONS = {
-    "i2t": ("Find a caption describing the given image.", "Represent the given caption."),
-    "vqa": ("Answer the question about the given image.", "Represent the given answer."),
+    MMEB_I2T: ("Find a caption describing the given image.", "Represent the given caption."),
+    MMEB_VQA: ("Answer the question about the given image.", "Represent the given answer."),
 }
 DESCRIBE_PROMPTS = (
     "Describe the image.",
@@ -81,6 +85,16 @@ RETRIEVAL_SCHEMA = pa.schema(
         pa.field("caption", pa.list_(pa.string())),
         pa.field("img_id", pa.string()),
         pa.field("filename", pa.string()),
+    ]
+)
+POPE_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.int64()),
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("image_source", pa.string()),
+        pa.field("image", IMAGE_STRUCT),
+        pa.field("category", pa.string()),
     ]
 )
 MMEB_SCHEMA = pa.schema(
@@ -461,40 +475,80 @@ def write_retrieval(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> Path
     return path
 
 
+def write_generation(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> Path:
+    """Held-out conversations (caption, then QA turns) in the OneVision layout: the generation
+    suite's caption loss and QA exact match."""
+    rng = _split_rng(seed, "generation")
+    rows = [{"id": d.id, "image": {"bytes": d.png, "path": d.filename}, "conversations": conversation(d.scene, rng),
+             "data_source": SUBSET} for d in scenes]
+    path = eval_dir / "generation" / "scenes" / "test.parquet"
+    _write_parquet(rows, ONEVISION_SCHEMA, path)
+    return path
+
+
 def _write_images(folder: Path, scenes: list[DrawnScene]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for d in scenes:
         (folder / d.filename).write_bytes(d.png)
 
 
+Probe = tuple[str, str]  # (colour, kind)
+
+
+def pope_negatives(category: str, scene: Scene, k: int, rng: random.Random, popular: list[Probe]) -> list[Probe]:
+    """`k` absent objects, sampled in one of POPE's three ways.
+
+    random: uniformly; popular: the most frequent objects of the eval scenes (`popular` is that
+    ranking); adversarial: objects sharing the colour or the kind of a present shape, those
+    sharing with more shapes first (the most confusable), random among equals."""
+    absent = [(c, kind) for c in COLOURS for kind in KINDS if not has_object(scene, c, kind)]
+    if category == "random":
+        return rng.sample(absent, k)
+    if category == "popular":
+        return [p for p in popular if p in absent][:k]
+    if category == "adversarial":
+        shared = {p: sum((s.colour == p[0]) + (s.kind == p[1]) for s in scene.shapes) for p in absent}
+        near = [p for p in absent if shared[p]]  # >= 7 for up to 3 shapes, so never short of k
+        rng.shuffle(near)
+        return sorted(near, key=shared.__getitem__, reverse=True)[:k]  # stable: the shuffle breaks ties
+    raise ValueError(f"unknown POPE category {category!r}")
+
+
+def _popularity(scenes: list[DrawnScene]) -> list[Probe]:
+    """Every (colour, kind), most frequent over the scenes first; ties in a fixed order."""
+    counts = {(c, k): sum(has_object(d.scene, c, k) for d in scenes) for c in COLOURS for k in KINDS}
+    return sorted(counts, key=lambda p: -counts[p])
+
+
 def pope_records(scenes: list[DrawnScene], seed: int) -> list[dict]:
-    """Per image: one 'yes' per distinct present object and as many random 'no' probes."""
+    """Per image and category: one 'yes' per distinct present object and as many 'no' probes."""
     rng = _split_rng(seed, "pope")
+    popular = _popularity(scenes)
     records: list[dict] = []
-    for d in scenes:
-        present = sorted({(s.colour, s.kind) for s in d.scene.shapes})
-        absent = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in present]
-        probes = [(p, "yes") for p in present] + [(a, "no") for a in rng.sample(absent, len(present))]
-        rng.shuffle(probes)
-        for (colour, kind), label in probes:
-            records.append(
-                {
-                    "question_id": len(records) + 1,
-                    "image": d.filename,
-                    "text": pope_question(colour, kind),
-                    "label": label,
-                    "category": "random",
-                }
-            )
+    for category in POPE_CATEGORIES:
+        for d in scenes:
+            present = sorted({(s.colour, s.kind) for s in d.scene.shapes})
+            absent = pope_negatives(category, d.scene, len(present), rng, popular)
+            probes = [(p, "yes") for p in present] + [(a, "no") for a in absent]
+            rng.shuffle(probes)
+            for (colour, kind), label in probes:
+                records.append(
+                    {
+                        "question_id": len(records) + 1,
+                        "question": pope_question(colour, kind),
+                        "answer": label,
+                        "image_source": d.id,
+                        "image": {"bytes": d.png, "path": d.filename},
+                        "category": category,
+                    }
+                )
     return records
 
 
 def write_pope(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> tuple[Path, int]:
-    pope_dir = eval_dir / "pope" / "scenes"
-    _write_images(pope_dir / "images", scenes)
     records = pope_records(scenes, seed)
-    path = pope_dir / "questions.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = eval_dir / "pope" / "scenes" / "test.parquet"
+    _write_parquet(records, POPE_SCHEMA, path)
     return path, len(records)
 
 
@@ -529,14 +583,14 @@ def _i2t_distractors(query: Scene, others: list[Scene], rng: random.Random, k: i
     return chosen
 
 
-def mmeb_rows(task: str, scenes: list[DrawnScene], seed: int) -> list[dict]:
+def mmeb_rows(subset: str, scenes: list[DrawnScene], seed: int) -> list[dict]:
     """One query per image; the first target is the positive, then up to 9 negatives."""
-    rng = _split_rng(seed, f"mmeb-{task}")
-    qry_inst, tgt_inst = MMEB_INSTRUCTIONS[task]
+    rng = _split_rng(seed, f"mmeb-{subset}")
+    qry_inst, tgt_inst = MMEB_INSTRUCTIONS[subset]
     all_scenes = [d.scene for d in scenes]
     rows = []
     for d in scenes:
-        if task == "i2t":
+        if subset == MMEB_I2T:
             template = rng.randrange(len(CAPTION_TEMPLATES))  # one template for all candidates
             negatives = _i2t_distractors(d.scene, all_scenes, rng, MMEB_CANDIDATES - 1)
             qry_text = ""
@@ -559,14 +613,13 @@ def mmeb_rows(task: str, scenes: list[DrawnScene], seed: int) -> list[dict]:
     return rows
 
 
-def write_mmeb(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> dict[str, Path]:
-    mmeb_dir = eval_dir / "mmeb"
-    _write_images(mmeb_dir / "images", scenes)
-    paths = {}
-    for task in MMEB_META_TASKS:
-        paths[task] = mmeb_dir / f"scenes_{task}.parquet"
-        _write_parquet(mmeb_rows(task, scenes, seed), MMEB_SCHEMA, paths[task])
-    return paths
+def write_mmeb(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> Path:
+    """One folder per subset, images in `eval_images/` as MMEB-eval ships them; returns the root."""
+    root = eval_dir / "mmeb" / "scenes"
+    _write_images(root / "eval_images", scenes)
+    for subset in SCENE_MMEB_META_TASKS:
+        _write_parquet(mmeb_rows(subset, scenes, seed), MMEB_SCHEMA, root / subset / "test-00000-of-00001.parquet")
+    return root
 
 
 def _write_scene_graphs(path: Path, items: list[tuple[str, Scene]]) -> None:
@@ -596,6 +649,7 @@ def write_scene_dataset(
     retrieval = write_retrieval(eval_dir, eval_scenes, seed)
     pope, pope_questions = write_pope(eval_dir, eval_scenes, seed)
     mmeb = write_mmeb(eval_dir, eval_scenes, seed)
+    generation = write_generation(eval_dir, eval_scenes, seed)
     graphs_dir = out_dir / "scene_graphs"
     _write_scene_graphs(graphs_dir / "train.jsonl", train_graphs)
     _write_scene_graphs(graphs_dir / "eval.jsonl", [(d.id, d.scene) for d in eval_scenes])
@@ -608,9 +662,10 @@ def write_scene_dataset(
         "retrieval": str(retrieval),
         "pope": str(pope),
         "pope_questions": pope_questions,
-        "mmeb": {task: str(p) for task, p in mmeb.items()},
-        "mmeb_meta_tasks": dict(MMEB_META_TASKS),
-        "mmeb_images": str(eval_dir / "mmeb" / "images"),
+        "mmeb": str(mmeb),
+        "mmeb_meta_tasks": dict(SCENE_MMEB_META_TASKS),
+        "mmeb_images": str(mmeb / "eval_images"),
+        "generation": str(generation),
         "scene_graphs": {"train": str(graphs_dir / "train.jsonl"), "eval": str(graphs_dir / "eval.jsonl")},
     }
 

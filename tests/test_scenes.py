@@ -16,11 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from evaluation.mmeb import list_subsets, load_mmeb
+from evaluation.pope import load_pope
 from pipelines.scenes import (
     CAPTION_TEMPLATES,
     COLOURS,
     DESCRIBE_PROMPTS,
     KINDS,
+    MMEB_INSTRUCTIONS,
     POSITIONS,
     Scene,
     Shape,
@@ -194,7 +197,7 @@ def test_eval_scenes_are_distinct_and_held_out(dataset):
     assert not set(held.values()) & set(train.values())
     assert all(map(is_held_out, held.values())) and not any(map(is_held_out, train.values()))
     train_images = {r["image"]["bytes"] for p in (out / "onevision").rglob("*.parquet") for r in _rows(p)}
-    eval_images = {p.read_bytes() for p in (out / "eval" / "pope" / "scenes" / "images").glob("*.png")}
+    eval_images = {p.read_bytes() for p in (out / "eval" / "mmeb" / "scenes" / "eval_images").glob("*.png")}
     assert len(eval_images) == EVAL and not eval_images & train_images
 
 
@@ -220,20 +223,53 @@ def test_retrieval_captions_identify_their_image(dataset):
             assert owners[text] == {row["img_id"]}
 
 
+def _objects(scene: Scene) -> set[tuple[str, str]]:
+    return {(s.colour, s.kind) for s in scene.shapes}
+
+
+def _probe(question: str) -> tuple[str, str]:
+    colour, kind = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", question).groups()
+    return colour, kind
+
+
 def test_pope_labels_follow_the_scene_graph(dataset):
     out, result = dataset
-    pope_dir = out / "eval" / "pope" / "scenes"
-    records = [json.loads(line) for line in Path(result["pope"]).read_text().splitlines()]
-    assert len(records) == result["pope_questions"]
-    assert [r["question_id"] for r in records] == list(range(1, len(records) + 1))
-    graphs = {f"{i}.png": s for i, s in _graphs(out, "eval").items()}
-    assert {r["image"] for r in records} == set(graphs)
-    for r in records:
-        assert set(r) == {"question_id", "image", "text", "label", "category"} and r["category"] == "random"
-        assert r["label"] == oracle(graphs[r["image"]], r["text"])
-        assert _decode((pope_dir / "images" / r["image"]).read_bytes()).size == (SIZE, SIZE)
-    labels = [r["label"] for r in records]
-    assert labels.count("yes") == labels.count("no")
+    assert result["pope"] == str(out / "eval" / "pope" / "scenes" / "test.parquet")
+    expected = pa.schema(
+        [
+            ("question_id", pa.int64()),
+            ("question", pa.string()),
+            ("answer", pa.string()),
+            ("image_source", pa.string()),
+            ("image", IMAGE),
+            ("category", pa.string()),
+        ]
+    )
+    assert pq.read_schema(result["pope"]).remove_metadata().equals(expected)
+    sources = [r["image_source"] for r in _rows(result["pope"])]
+    items = load_pope(result["pope"])
+    assert len(items) == result["pope_questions"]
+    assert len({i.question_id for i in items}) == len(items) and all(type(i.question_id) is int for i in items)
+    graphs = _graphs(out, "eval")
+    assert set(sources) == set(graphs)
+    probes: dict[tuple[str, str], list[tuple[tuple[str, str], str]]] = {}
+    for item, source in zip(items, sources):
+        assert item.label == oracle(graphs[source], item.question)
+        assert item.image_path is None and _decode(item.image).size == (SIZE, SIZE)
+        probes.setdefault((source, item.category), []).append((_probe(item.question), item.label))
+    assert {category for _, category in probes} == {"random", "popular", "adversarial"}
+    assert len(probes) == 3 * EVAL  # every image in every category
+    frequency = {(c, k): sum((c, k) in _objects(g) for g in graphs.values()) for c in COLOURS for k in KINDS}
+    for (source, category), asked in probes.items():
+        present = _objects(graphs[source])
+        yes = [p for p, label in asked if label == "yes"]
+        no = [p for p, label in asked if label == "no"]
+        assert sorted(yes) == sorted(present) and len(no) == len(set(no)) == len(present)
+        if category == "popular":  # no absent object is more frequent than the ones asked about
+            unasked = set(frequency) - present - set(no)
+            assert min(frequency[p] for p in no) >= max(frequency[p] for p in unasked)
+        if category == "adversarial":  # each shares its colour or its kind with a present object
+            assert all(any(c == pc or k == pk for pc, pk in present) for c, k in no)
 
 
 def test_mmeb_first_target_is_the_positive(dataset):
@@ -248,26 +284,41 @@ def test_mmeb_first_target_is_the_positive(dataset):
             ("tgt_img_path", pa.list_(pa.string())),
         ]
     )
-    assert result["mmeb_meta_tasks"] == {"i2t": "retrieval", "vqa": "vqa"}
+    root = out / "eval" / "mmeb" / "scenes"
+    assert result["mmeb"] == str(root) and result["mmeb_images"] == str(root / "eval_images")
+    assert result["mmeb_meta_tasks"] == {"SceneCaption_i2t": "retrieval", "SceneVQA": "vqa"}
+    assert list_subsets(root) == sorted(result["mmeb_meta_tasks"])
     graphs = {f"{i}.png": s for i, s in _graphs(out, "eval").items()}
-    images = Path(result["mmeb_images"])
-    for task, path in result["mmeb"].items():
+    for subset in result["mmeb_meta_tasks"]:
+        path = root / subset / "test-00000-of-00001.parquet"
         table = pq.read_table(path)
-        assert Path(path).name == f"scenes_{task}.parquet"
         assert table.schema.remove_metadata().equals(expected)
         rows = table.to_pylist()
         assert len(rows) == EVAL
         for row in rows:
             scene = graphs[row["qry_img_path"]]
-            assert _decode((images / row["qry_img_path"]).read_bytes()).size == (SIZE, SIZE)
+            assert _decode((root / "eval_images" / row["qry_img_path"]).read_bytes()).size == (SIZE, SIZE)
             targets = row["tgt_text"]
             assert 5 <= len(targets) <= 10 and len(set(targets)) == len(targets)
             assert len(row["tgt_inst"]) == len(row["tgt_img_path"]) == len(targets)
-            if task == "i2t":
+            if subset == "SceneCaption_i2t":
                 own = _all_captions(scene)
                 assert targets[0] in own and not own & set(targets[1:])
             else:
                 assert targets[0] == oracle(scene, row["qry_text"])
+
+
+def test_mmeb_loads_with_the_evaluator(dataset):
+    _, result = dataset
+    data = load_mmeb(result["mmeb"], result["mmeb_images"])
+    assert not data.skipped and len(data.rows) == 2 * EVAL
+    assert len(set(data.items)) == len(data.items)
+    for row in data.rows:
+        qry_inst, tgt_inst = MMEB_INSTRUCTIONS[row.subset]
+        query = data.items[row.query]
+        assert query.text.startswith(qry_inst) and Path(query.image_path).parent == Path(result["mmeb_images"])
+        assert all(data.items[c].text.startswith(f"{tgt_inst} ") for c in row.candidates)
+        assert all(data.items[c].image_path is None for c in row.candidates)
 
 
 def test_corpus_covers_every_word_of_the_data(dataset):
@@ -278,9 +329,9 @@ def test_corpus_covers_every_word_of_the_data(dataset):
     turns = [t for p in result["train_shards"] for r in _rows(p) for t in r["conversations"]]
     texts = [t["value"].removeprefix("<image>\n") for t in turns]
     texts += [c for r in _rows(result["retrieval"]) for c in r["caption"]]
-    for path in result["mmeb"].values():
+    for path in Path(result["mmeb"]).glob("*/test-*.parquet"):
         for r in _rows(path):
             texts += [r["qry_inst"], r["qry_text"], *r["tgt_inst"], *r["tgt_text"]]
-    texts += [json.loads(line)["text"] for line in Path(result["pope"]).read_text().splitlines()]
+    texts += [item.question for item in load_pope(result["pope"])]
     assert {w for text in texts for w in re.findall(r"\w+", text)} <= vocabulary
     assert set(COLOURS) | set(KINDS) <= vocabulary

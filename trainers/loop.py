@@ -19,7 +19,12 @@ from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
 from cafe.losses import CafeLoss, ContrastiveLoss
 from cafe.model import CafeModel, load_vlm
+from cafe.inference import InferenceModel
 from cafe.records import example_from_row
+from evaluation.backends import training_workers
+from evaluation.run import RunRef, log_scorecard
+from evaluation.scorecard import score_tasks, write_report
+from evaluation.suites import prepare_tasks
 from trainers.deepspeed_config import deepspeed_config
 from trainers.tracking import log_metrics
 
@@ -108,6 +113,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracking_uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
     last_metrics: dict[str, float] = {}
     checkpoint_every = loop_config["checkpoint_every"]
+    evaluate = _in_training_evaluation(cfg, engine.module, processor, rank, world, RunRef(tracking_uri, run_id))
     while step < total_steps:
         steps_before = step
         for rows in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True,
@@ -124,6 +130,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 last_metrics = _step_metrics(terms, engine, model, seconds, len(examples) * world, world)
                 if rank == 0:
                     log_metrics(tracking_uri, run_id, last_metrics, step=step)
+            if evaluate and (step % cfg.eval.every_steps == 0 or step == total_steps):
+                last_metrics = {**last_metrics, **evaluate(step)}
+                if step < total_steps:  # the final scores travel with the final checkpoint's report
+                    ray.train.report({**last_metrics, "step": step})
             if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
                 _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=False)
             if step >= total_steps:
@@ -131,6 +141,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step == steps_before:
             raise RuntimeError(f"worker {rank} got no full batch of {cfg.train.batch_size} rows from its shard")
     _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=True)
+
+
+def _in_training_evaluation(cfg: ExperimentConfig, model: CafeModel, processor, rank: int, world: int, run: RunRef):
+    """With `eval.every_steps`, a function that scores the configured suites on the live
+    weights, every rank answering a share, and logs them from rank 0 at that step."""
+    if not cfg.eval.every_steps:
+        return None
+    tasks = prepare_tasks(cfg.eval, cfg.data.eval_dir)  # loaded once; the same requests on every rank
+    inference = InferenceModel(model, processor, batch_size=cfg.eval.batch_size, synced_gpus=cfg.train.zero_stage == 3)
+    backend = training_workers(inference, rank, world)
+
+    def evaluate(step: int) -> dict[str, float]:
+        card = score_tasks(tasks, backend)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                files = write_report(card, Path(tmp), title=f"{cfg.name}: step {step}", checkpoint="(live weights)",
+                                     step=step)
+                log_scorecard(run, card.metrics, step=step, files=files, artifact_path=f"scorecards/step_{step:07d}")
+        return card.metrics
+
+    return evaluate
 
 
 def _step_metrics(terms, engine, model: CafeModel, seconds: float, samples: int, world: int) -> dict[str, float]:

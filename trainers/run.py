@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cafe.config import ExperimentConfig
-from trainers.loop import HF_EXPORT_DIR, train_loop_per_worker
+from trainers.loop import HF_EXPORT_DIR, STATE_FILE, train_loop_per_worker
 
 
 def planned_steps(num_rows: int, cfg: ExperimentConfig) -> int:
@@ -54,8 +55,9 @@ def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None 
     )
 
 
-def train(cfg: ExperimentConfig, run_id: str) -> Path:
-    """Run training; returns the trained model directory (HF format) under output_dir."""
+def train(cfg: ExperimentConfig, run_id: str) -> tuple[Path, int]:
+    """Run training; returns the trained model directory (HF format) under output_dir and the
+    number of optimizer steps it took."""
     result = build_trainer(cfg, run_id).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
@@ -64,4 +66,5 @@ def train(cfg: ExperimentConfig, run_id: str) -> Path:
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(Path(ckpt) / HF_EXPORT_DIR, out)
-    return out
+        steps = json.loads((Path(ckpt) / STATE_FILE).read_text())["step"]
+    return out, steps

@@ -1,0 +1,80 @@
+"""Generation on held-out conversations in the LLaVA-OneVision-Data layout (`id`, `image` =
+{bytes, path}, `conversations` = from/value or role/content turns).
+
+Each (user, assistant) exchange is scored as a single-turn conversation with the row's image:
+an answer of at most `qa_max_words` words is a QA answer, generated greedily and compared by
+exact match after normalisation; a longer one is a caption, whose assistant tokens give the
+caption loss (NLL per token) and perplexity. Multi-turn context is not carried over, so every
+exchange asks its question about the image alone, as the scenes' QA turns do.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from cafe.prompts import IMAGE_TOKEN
+from pipelines.records import Rejected, normalise_conversation
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    row: int
+    row_id: str
+    question: str  # the user text without image tokens
+    answer: str
+    image: bytes | None
+
+    def messages(self) -> list[dict]:
+        user = f"{IMAGE_TOKEN}\n{self.question}" if self.image is not None else self.question
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": self.answer}]
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation, single spaces: 'Two.' and 'two' match."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def is_short_answer(text: str, max_words: int) -> bool:
+    return len(normalise_answer(text).split()) <= max_words
+
+
+def load_exchanges(path: str | Path) -> tuple[list[Exchange], list[dict]]:
+    """Every exchange of every row, plus the rows that could not be read (counted skips)."""
+    table = pq.read_table(path, columns=["id", "image", "conversations"])
+    exchanges, skipped = [], []
+    for row, (row_id, image, turns) in enumerate(zip(*(table[c].to_pylist() for c in ("id", "image", "conversations")))):
+        try:
+            turns = normalise_conversation(turns)
+        except Rejected as err:
+            skipped.append({"row": row, "id": row_id, "file": str(path), "reason": str(err)})
+            continue
+        data = image["bytes"] if image else None
+        user = None
+        for turn in turns:
+            if turn["role"] == "user":
+                user = turn["content"].replace(IMAGE_TOKEN, "").strip()
+            elif turn["role"] == "assistant" and user is not None:
+                exchanges.append(Exchange(row, str(row_id), user, turn["content"], data))
+                user = None
+    if not exchanges and not skipped:
+        raise ValueError(f"{path}: no (user, assistant) exchanges to score")
+    return exchanges, skipped
+
+
+def generation_metrics(caption_nll: float, caption_tokens: int, qa_hits: int, qa_total: int) -> dict[str, float]:
+    metrics = {"captions_scored_tokens": float(caption_tokens), "qa_count": float(qa_total)}
+    if caption_tokens:
+        metrics["caption_loss"] = caption_nll / caption_tokens
+        metrics["perplexity"] = math.exp(metrics["caption_loss"])
+    if qa_total:
+        metrics["qa_exact_match"] = qa_hits / qa_total
+    return metrics
+
+
+def messages_json(exchange: Exchange) -> str:
+    return json.dumps(exchange.messages())

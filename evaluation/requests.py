@@ -1,0 +1,141 @@
+"""What the suites ask of a model, and the answers, independent of where the model runs.
+
+A `Request` is one unit of model work: embed a (text, image) input, greedily answer a
+question about an image, or score a conversation's assistant tokens (NLL). Suites build lists
+of requests; a backend (`evaluation.backends`) answers them with an `InferenceModel` in this
+process, on a Ray actor pool, or on the training workers. Images travel as encoded bytes or as
+a file path that is read where the model runs, and are decoded there. An image that cannot be
+read becomes that request's error, never a failed job.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from cafe.inference import InferenceModel
+
+Op = Literal["embed", "generate", "nll"]
+REQUEST_SCHEMA = pa.schema([
+    pa.field("key", pa.int64()),
+    pa.field("op", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("image", pa.binary()),
+    pa.field("image_path", pa.string()),
+    pa.field("messages", pa.string()),
+    pa.field("max_new_tokens", pa.int32()),
+])
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    op: Op
+    text: str | None = None  # embed: the text to embed; generate: the question
+    image: bytes | None = None  # an encoded image, or
+    image_path: str | None = None  # a file to read where the model runs
+    messages: str | None = None  # nll: role/content turns as JSON
+    max_new_tokens: int = 0
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.image_path is not None
+
+    @property
+    def cost(self) -> int:
+        """Sort key: similar lengths share a batch."""
+        return len(self.text or "") + len(self.messages or "") + (1000 if self.has_image else 0)
+
+
+@dataclass(slots=True)
+class Answers:
+    """One entry per request, in request order."""
+
+    embeddings: np.ndarray  # (N, D) float32; zeros where the request was not an embedding or failed
+    texts: list[str]  # generated answers ("" otherwise)
+    nll: np.ndarray  # (N,) float64 summed NLL of nll requests
+    tokens: np.ndarray  # (N,) int64 tokens those sums cover
+    errors: list[str]  # "" where the request was answered
+
+    def take(self, index: list[int]) -> "Answers":
+        return Answers(self.embeddings[index], [self.texts[i] for i in index], self.nll[index], self.tokens[index],
+                       [self.errors[i] for i in index])
+
+
+def to_table(requests: list[Request], keys: list[int] | None = None) -> pa.Table:
+    keys = list(range(len(requests))) if keys is None else keys
+    columns = {name: [getattr(r, name) for r in requests] for name in REQUEST_SCHEMA.names if name != "key"}
+    return pa.table({"key": keys, **columns}, schema=REQUEST_SCHEMA)
+
+
+def from_columns(batch: dict[str, np.ndarray]) -> list[Request]:
+    """Requests from a numpy-format batch of `REQUEST_SCHEMA` rows (as Ray Data hands them over)."""
+    return [Request(op=str(op), text=text, image=image, image_path=path, messages=messages, max_new_tokens=int(max_new))
+            for op, text, image, path, messages, max_new in zip(batch["op"], batch["text"], batch["image"],
+                                                                batch["image_path"], batch["messages"],
+                                                                batch["max_new_tokens"])]
+
+
+def decode_image(data: bytes | None, path: str | None) -> Image.Image:
+    if data is None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise ValueError(f"cannot read image file {path}: {err.strerror}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError):  # PIL's own message names a BytesIO address: not reproducible
+        where = f" ({path})" if path else ""
+        raise ValueError(f"not an image PIL can read{where}, {len(data)} bytes") from None
+
+
+def answer(model: InferenceModel, requests: list[Request]) -> Answers:
+    """Answer requests in this process; each op's requests go to the model in one call (it
+    batches and length-sorts them itself)."""
+    n = len(requests)
+    out = Answers(np.zeros((n, model.hidden_size), np.float32), [""] * n, np.zeros(n), np.zeros(n, np.int64), [""] * n)
+    ready: dict[str, list[tuple[int, Request, list[Image.Image]]]] = {"embed": [], "generate": [], "nll": []}
+    for i, req in enumerate(requests):
+        try:
+            images = [decode_image(req.image, req.image_path)] if req.has_image else []
+        except ValueError as err:
+            out.errors[i] = str(err)
+            continue
+        ready[req.op].append((i, req, images))
+    if ready["embed"]:
+        index, reqs, images = zip(*ready["embed"])
+        out.embeddings[list(index)] = model.embed([(r.text, im) for r, im in zip(reqs, images)]).numpy()
+    for max_new in sorted({r.max_new_tokens for _, r, _ in ready["generate"]}):
+        chosen = [(i, r, im) for i, r, im in ready["generate"] if r.max_new_tokens == max_new]
+        texts = model.generate([(r.text, im) for _, r, im in chosen], max_new_tokens=max_new)
+        for (i, _, _), text in zip(chosen, texts):
+            out.texts[i] = text
+    if ready["nll"]:
+        losses = model.conversation_loss([(json.loads(r.messages), im) for _, r, im in ready["nll"]])
+        for (i, _, _), loss in zip(ready["nll"], losses):
+            out.nll[i], out.tokens[i] = loss.nll, loss.tokens
+    return out
+
+
+def answers_to_columns(keys: np.ndarray, answers: Answers) -> dict[str, np.ndarray]:
+    return {"key": keys, "embedding": answers.embeddings, "text_out": np.array(answers.texts, dtype=object),
+            "nll": answers.nll, "tokens": answers.tokens, "error": np.array(answers.errors, dtype=object)}
+
+
+def answers_from_columns(batches: list[dict[str, np.ndarray]], n: int) -> Answers:
+    """Merge answer batches (any order) back into request order 0..n-1."""
+    keys = np.concatenate([b["key"] for b in batches])
+    if sorted(keys.tolist()) != list(range(n)):
+        raise RuntimeError(f"the backend answered {len(keys)} of {n} requests")
+    order = np.argsort(keys, kind="stable")
+    texts = [t for b in batches for t in b["text_out"]]
+    errors = [e for b in batches for e in b["error"]]
+    return Answers(np.concatenate([b["embedding"] for b in batches])[order], [texts[i] for i in order],
+                   np.concatenate([b["nll"] for b in batches])[order], np.concatenate([b["tokens"] for b in batches])[order],
+                   [errors[i] for i in order])

@@ -1,0 +1,152 @@
+"""The whole scorecard: the Ray actor pool and the training-worker backend against the
+in-process path, every suite on the embedded scenes, logging into an existing MLflow run,
+and bad input (missing image file, undecodable bytes, unknown suite, missing data set)."""
+import dataclasses
+import io
+import json
+import pickle
+import random
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from mlflow import MlflowClient
+
+from cafe.config import EvalConfig, ExperimentConfig, load_config
+from cafe.inference import InferenceModel
+from evaluation.backends import actor_pool, in_process, training_workers
+from evaluation.requests import Request
+from evaluation.run import RunRef, evaluate_checkpoint
+from evaluation.suites import prepare_tasks
+from pipelines.scenes import write_scene_dataset
+from tests.conftest import random_image
+
+WORLD = 2
+
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    rng = random.Random(seed)
+    random_image(rng, rng.randint(40, 90), rng.randint(40, 90)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def requests(tmp_path_factory):
+    """Every op, with an undecodable image and a missing image file among them."""
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "ok.png").write_bytes(png(9))
+    conv = json.dumps([{"role": "user", "content": "<image>\nDescribe."}, {"role": "assistant", "content": "a red star"}])
+    return ([Request("embed", image=png(i)) for i in range(5)]
+            + [Request("embed", image=b"not an image"), Request("embed", image_path=str(folder / "missing.png"))]
+            + [Request("embed", text=t) for t in ("red circle", "a blue square at the top left", "two")]
+            + [Request("embed", text="<image>\nwhich is red", image_path=str(folder / "ok.png"))]
+            + [Request("generate", text="Is there a red circle?", image=png(i), max_new_tokens=4) for i in range(3)]
+            + [Request("nll", image=png(i), messages=conv) for i in range(3)])
+
+
+def assert_same_answers(a, b):
+    assert a.errors == b.errors
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+    assert a.texts == b.texts
+    np.testing.assert_allclose(a.nll, b.nll, rtol=1e-5)
+    assert a.tokens.tolist() == b.tokens.tolist()
+
+
+def test_actor_pool_matches_in_process(tiny_checkpoint, requests, ray_cluster):
+    local = in_process(InferenceModel.load(tiny_checkpoint, batch_size=32))(requests)
+    pooled = actor_pool(str(tiny_checkpoint), num_actors=2, cpus_per_actor=0.5, batch_size=4)(requests)
+    assert_same_answers(pooled, local)
+    assert [bool(e) for e in local.errors] == [i in (5, 6) for i in range(len(requests))]
+    assert "not an image" in local.errors[5] and "missing.png" in local.errors[6]
+    assert not local.embeddings[5].any()
+    assert local.tokens[-1] > 0 and local.nll[-1] > 0
+
+
+def _worker(rank: int, checkpoint: str, store_path: str, out_dir: str, requests: list) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
+    try:
+        answers = training_workers(InferenceModel.load(checkpoint, batch_size=3), rank, WORLD)(requests)
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
+            pickle.dump(answers, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_training_workers_match_in_process(tiny_checkpoint, requests, tmp_path):
+    mp.spawn(_worker, args=(str(tiny_checkpoint), str(tmp_path / "store"), str(tmp_path), requests), nprocs=WORLD)
+    local = in_process(InferenceModel.load(tiny_checkpoint, batch_size=32))(requests)
+    for rank in range(WORLD):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            assert_same_answers(pickle.load(f), local)
+
+
+@pytest.fixture(scope="module")
+def scenes_config(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("scenes")
+    write_scene_dataset(root, train_images=4, eval_images=10, image_size=64, seed=0)
+    cfg = load_config(None, [f"output_dir={root}/out", f"data.eval_dir={root}/eval", "eval.batch_size=8"])
+    return cfg
+
+
+def test_every_suite_on_the_scenes_into_one_run(tiny_checkpoint, scenes_config, tmp_path, ray_cluster):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("eval", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+
+    card = evaluate_checkpoint(scenes_config, tiny_checkpoint, tracking=RunRef(client.tracking_uri, run_id), step=7,
+                               label="trained")
+    reference = evaluate_checkpoint(scenes_config, tiny_checkpoint, use_ray=False, report_dir=tmp_path / "local")
+    assert card.metrics == pytest.approx(reference.metrics, rel=1e-6, abs=1e-6)
+
+    m = card.metrics
+    names = ({f"eval/retrieval/scenes/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+             | {"eval/mmeb/scenes/overall", "eval/mmeb/scenes/meta/retrieval", "eval/mmeb/scenes/meta/vqa",
+                "eval/mmeb/scenes/subset/SceneCaption_i2t", "eval/mmeb/scenes/subset/SceneVQA"}
+             | {f"eval/pope/scenes/{c}{k}" for c in ("", "random/", "popular/", "adversarial/")
+                for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+             | {f"eval/generation/scenes/{k}" for k in ("caption_loss", "perplexity", "qa_exact_match")})
+    assert names <= m.keys()
+    assert m["eval/mmeb/scenes/overall"] == pytest.approx(
+        (m["eval/mmeb/scenes/subset/SceneCaption_i2t"] + m["eval/mmeb/scenes/subset/SceneVQA"]) / 2)
+    assert m["eval/generation/scenes/perplexity"] == pytest.approx(np.exp(m["eval/generation/scenes/caption_loss"]))
+    assert m["eval/pope/scenes/count"] == sum(m[f"eval/pope/scenes/{c}/count"] for c in ("random", "popular", "adversarial"))
+
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]  # no second run
+    assert client.get_run(run_id).data.metrics == pytest.approx(m)
+    assert {h.step for h in client.get_metric_history(run_id, "eval/pope/scenes/f1")} == {7}
+    artifacts = {a.path for a in client.list_artifacts(run_id, "scorecards/trained")}
+    assert artifacts == {f"scorecards/trained/{f}" for f in ("scorecard.json", "scorecard.md", "modality_gap_scenes.png")}
+    report = json.loads((tmp_path / "local" / "scorecard.json").read_text())
+    assert report["metrics"] == pytest.approx(reference.metrics)
+    generation = next(s for s in report["suites"] if s["suite"] == "generation")
+    assert len(generation["samples"]) == scenes_config.eval.caption_samples
+    assert {"truth", "greedy"} <= generation["samples"][0].keys()
+
+
+def test_bad_suites_and_paths_fail_before_any_model(scenes_config):
+    cfg = scenes_config.eval
+    with pytest.raises(ValueError, match="unknown suite 'mmbe'"):
+        prepare_tasks(cfg, scenes_config.data.eval_dir, suites=["mmbe"])
+    only_retrieval = dataclasses.replace(cfg, suites=[s for s in cfg.suites if s.suite == "retrieval"])
+    with pytest.raises(ValueError, match="suite 'pope' has no data set"):
+        prepare_tasks(only_retrieval, scenes_config.data.eval_dir, suites=["pope"])
+    with pytest.raises(FileNotFoundError, match="pope/scenes: .*nowhere.* does not exist"):
+        prepare_tasks(cfg, "/nowhere", suites=["pope"])
+    with pytest.raises(ValueError, match="Nope"):
+        prepare_tasks(dataclasses.replace(cfg, mmeb_subsets=["Nope"]), scenes_config.data.eval_dir, suites=["mmeb"])
+    assert [t.suite for t in prepare_tasks(cfg, scenes_config.data.eval_dir, suites=["pope", "retrieval"])] == \
+        ["retrieval", "pope"]
+
+
+def test_suites_from_yaml_overrides():
+    cfg = load_config(None, ["eval.suites=[{suite: retrieval, datasets: [{name: flickr30k, path: /data/f.parquet}]}]",
+                             "eval.mmeb_meta_tasks={Mine: vqa}"])
+    assert cfg.eval.suites[0].datasets[0].name == "flickr30k"
+    assert cfg.eval.mmeb_meta_tasks == {"Mine": "vqa"}
+    assert isinstance(ExperimentConfig().eval, EvalConfig)
