@@ -8,7 +8,7 @@ the KV cache, on prompts tokenised exactly as in training.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +42,21 @@ class InferenceModel:
     """A `CafeModel` and its processor in eval mode. Build with `load` from a checkpoint, or
     around a live training model (`InferenceModel(model, processor)`)."""
 
-    def __init__(self, model: CafeModel, processor, *, batch_size: int = 32, synced_gpus: bool = False) -> None:
+    def __init__(self, model: CafeModel, processor, *, batch_size: int = 32,
+                 gather_sharded: Callable[[list[torch.nn.Parameter]], AbstractContextManager] | None = None) -> None:
+        """Args:
+            gather_sharded: for a ZeRO-3 sharded model, a context that gathers the given
+                parameters on every rank (`deepspeed.zero.GatheredParameters`). The packed
+                forward reads a few parameters outside their own module's forward (LLaVA-OV's
+                `image_newline`), where no ZeRO hook fetches them; generation then also keeps
+                the ranks' decoding steps in lockstep.
+        """
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.collator = Collator(processor, compute_contrastive_loss=False)
         self.batch_size = batch_size
-        self.synced_gpus = synced_gpus  # ZeRO-3: every rank must run the same number of decoding steps
+        self.gather_sharded = gather_sharded
         self.stop_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
     @classmethod
@@ -86,9 +94,13 @@ class InferenceModel:
 
     def _batches(self, costs: Sequence[int], run: Callable[[list[int]], list], n: int) -> list:
         out: list = [None] * n
+        # per batch: a forward's ZeRO hooks re-partition what the previous gather fetched
+        outside = [p for m in (self.model, self.model.vlm, self.model.vlm.model) for p in m.parameters(recurse=False)]
         with self.evaluating():
             for chunk in _by_length(costs, self.batch_size):
-                for i, value in zip(chunk, run(chunk)):
+                with self.gather_sharded(outside) if self.gather_sharded else nullcontext():
+                    values = run(chunk)
+                for i, value in zip(chunk, values):
                     out[i] = value
         return out
 
@@ -148,7 +160,7 @@ class InferenceModel:
                          "image_sizes": image_inputs["image_sizes"].to(self.device)}
             out = self.model.vlm.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                           do_sample=False, eos_token_id=self.stop_ids, pad_token_id=pad,
-                                          synced_gpus=self.synced_gpus, **extra)
+                                          synced_gpus=self.gather_sharded is not None, **extra)
             return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.cpu()]
 
         costs = [len(text or "") + 1000 * len(images) for text, images in prompts]

@@ -15,7 +15,7 @@ from cafe.config import ExperimentConfig, to_flat_dict, to_yaml
 from cafe.tiny import build_tiny_checkpoint
 from evaluation.run import RunRef, evaluate_checkpoint
 from evaluation.scorecard import comparison_markdown
-from evaluation.suites import SuiteTask
+from evaluation.suites import SuiteTask, prepare_tasks
 from pipelines.ingest import run_from_config
 from pipelines.scenes import scene_corpus, write_scene_dataset
 from trainers.run import train
@@ -98,11 +98,12 @@ def demo(cfg: ExperimentConfig) -> dict:
     (out / "config.yaml").write_text(to_yaml(cfg))
     prepare_scenes(cfg)
     base = ensure_checkpoint(cfg)
+    tasks = prepare_tasks(cfg.eval, cfg.data.eval_dir)
     with tracked_run(cfg) as run_id:
         summary = run_data(cfg, run_id)
-        before = run_eval(cfg, base, step=0, label="untrained", run_id=run_id)
+        before = run_eval(cfg, base, tasks=tasks, step=0, label="untrained", run_id=run_id)
         model_dir, steps = train(cfg, run_id)
-        after = run_eval(cfg, model_dir, step=steps, label="trained", run_id=run_id)
+        after = run_eval(cfg, model_dir, tasks=tasks, step=steps, label="trained", run_id=run_id)
         comparison = comparison_markdown({"untrained": before, "trained": after})
         (out / "comparison.md").write_text(comparison + "\n")
         MlflowClient(cfg.tracking.tracking_uri).log_artifact(run_id, str(out / "comparison.md"), "scorecards")

@@ -1,4 +1,4 @@
-"""Where requests are answered: this process, a pool of warm Ray Data actors, or the training
+"""Where requests are answered: this process, a pool of warm Ray actors, or the training
 workers' own live model. All three call `evaluation.requests.answer`, so they give the same
 numbers; they differ only in who holds the model and how the work is split."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import numpy as np
 import ray
+import ray.util
 import torch.distributed as dist
 
 from cafe.inference import InferenceModel
-from evaluation.requests import (Answers, Request, answer, answers_from_columns, answers_to_columns, from_columns,
-                                 to_table)
+from evaluation.requests import Answers, Request, answer
 
 Backend = Callable[[list[Request]], Answers]
 IN_PROCESS_BLOCK = 512  # requests decoded at once in one process: bounds the memory of decoded images
@@ -33,39 +33,49 @@ def in_process(model: InferenceModel) -> Backend:
     return run
 
 
-class AnswerActor:
-    """Ray Data callable class: loads the model once, then answers batch after batch."""
+@ray.remote
+class AnswerWorker:
+    """Holds one model; answers chunks of requests. Reloads only when the checkpoint changes."""
 
-    def __init__(self, checkpoint: str, *, device: str, emb_type: str, batch_size: int) -> None:
-        self.model = InferenceModel.load(checkpoint, device=device, emb_type=emb_type, batch_size=batch_size)
+    def __init__(self) -> None:
+        self.model: InferenceModel | None = None
+        self.loaded: tuple | None = None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return answers_to_columns(batch["key"], answer(self.model, from_columns(batch)))
+    def load(self, checkpoint: str, device: str, emb_type: str, batch_size: int) -> None:
+        if self.loaded != (checkpoint, device, emb_type, batch_size):
+            self.model = InferenceModel.load(checkpoint, device=device, emb_type=emb_type, batch_size=batch_size)
+            self.loaded = (checkpoint, device, emb_type, batch_size)
+
+    def answer(self, index: list[int], requests: list[Request]) -> tuple[list[int], Answers]:
+        return index, answer(self.model, requests)
 
 
-def actor_pool(checkpoint: str, *, num_actors: int = 1, cpus_per_actor: float = 1.0, batch_size: int = 32,
-               use_gpu: bool = False, emb_type: str = "last") -> Backend:
-    """Requests of one call go through one pool: each actor loads the model once for the whole
-    scorecard (every suite's requests are answered in the same call)."""
+class ActorPool:
+    """Ray actors that stay up across calls: processes start and import once, and a checkpoint
+    is loaded once per actor however many suites or calls use it (`backend(checkpoint)`)."""
 
-    def run(requests: list[Request]) -> Answers:
-        table = to_table(requests).take(_cost_order(requests))
-        # one block per batch, so every actor gets work (a single block would go to one actor)
-        blocks = [table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size)]
-        ds = ray.data.from_arrow(blocks).map_batches(
-            AnswerActor,
-            fn_constructor_kwargs={"checkpoint": str(checkpoint), "device": "cuda" if use_gpu else "cpu",
-                                   "emb_type": emb_type, "batch_size": batch_size},
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            batch_size=batch_size,
-            batch_format="numpy",
-            num_cpus=cpus_per_actor,
-            num_gpus=1 if use_gpu else 0,
-            udf_modifying_row_count=False,
-        )
-        return answers_from_columns(list(ds.iter_batches(batch_format="numpy", batch_size=None)), len(requests))
+    def __init__(self, *, num_actors: int = 1, cpus_per_actor: float = 1.0, use_gpu: bool = False) -> None:
+        self.use_gpu = use_gpu
+        worker = AnswerWorker.options(num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)
+        self.actors = [worker.remote() for _ in range(num_actors)]
 
-    return run
+    def backend(self, checkpoint: str, *, batch_size: int = 32, emb_type: str = "last") -> Backend:
+        device = "cuda" if self.use_gpu else "cpu"
+        ray.get([a.load.remote(str(checkpoint), device, emb_type, batch_size) for a in self.actors])
+
+        def run(requests: list[Request]) -> Answers:
+            order = _cost_order(requests)
+            chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+            pool = ray.util.ActorPool(self.actors)
+            parts = list(pool.map_unordered(lambda actor, chunk: actor.answer.remote(chunk, [requests[i] for i in chunk]),
+                                            chunks))
+            return _merge(parts, len(requests), parts[0][1].embeddings.shape[1])
+
+        return run
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 def training_workers(model: InferenceModel, rank: int, world: int) -> Backend:

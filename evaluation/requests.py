@@ -15,21 +15,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from cafe.inference import InferenceModel
 
 Op = Literal["embed", "generate", "nll"]
-REQUEST_SCHEMA = pa.schema([
-    pa.field("key", pa.int64()),
-    pa.field("op", pa.string()),
-    pa.field("text", pa.string()),
-    pa.field("image", pa.binary()),
-    pa.field("image_path", pa.string()),
-    pa.field("messages", pa.string()),
-    pa.field("max_new_tokens", pa.int32()),
-])
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,20 +54,6 @@ class Answers:
     def take(self, index: list[int]) -> "Answers":
         return Answers(self.embeddings[index], [self.texts[i] for i in index], self.nll[index], self.tokens[index],
                        [self.errors[i] for i in index])
-
-
-def to_table(requests: list[Request], keys: list[int] | None = None) -> pa.Table:
-    keys = list(range(len(requests))) if keys is None else keys
-    columns = {name: [getattr(r, name) for r in requests] for name in REQUEST_SCHEMA.names if name != "key"}
-    return pa.table({"key": keys, **columns}, schema=REQUEST_SCHEMA)
-
-
-def from_columns(batch: dict[str, np.ndarray]) -> list[Request]:
-    """Requests from a numpy-format batch of `REQUEST_SCHEMA` rows (as Ray Data hands them over)."""
-    return [Request(op=str(op), text=text, image=image, image_path=path, messages=messages, max_new_tokens=int(max_new))
-            for op, text, image, path, messages, max_new in zip(batch["op"], batch["text"], batch["image"],
-                                                                batch["image_path"], batch["messages"],
-                                                                batch["max_new_tokens"])]
 
 
 def decode_image(data: bytes | None, path: str | None) -> Image.Image:
@@ -121,21 +97,3 @@ def answer(model: InferenceModel, requests: list[Request]) -> Answers:
         for (i, _, _), loss in zip(ready["nll"], losses):
             out.nll[i], out.tokens[i] = loss.nll, loss.tokens
     return out
-
-
-def answers_to_columns(keys: np.ndarray, answers: Answers) -> dict[str, np.ndarray]:
-    return {"key": keys, "embedding": answers.embeddings, "text_out": np.array(answers.texts, dtype=object),
-            "nll": answers.nll, "tokens": answers.tokens, "error": np.array(answers.errors, dtype=object)}
-
-
-def answers_from_columns(batches: list[dict[str, np.ndarray]], n: int) -> Answers:
-    """Merge answer batches (any order) back into request order 0..n-1."""
-    keys = np.concatenate([b["key"] for b in batches])
-    if sorted(keys.tolist()) != list(range(n)):
-        raise RuntimeError(f"the backend answered {len(keys)} of {n} requests")
-    order = np.argsort(keys, kind="stable")
-    texts = [t for b in batches for t in b["text_out"]]
-    errors = [e for b in batches for e in b["error"]]
-    return Answers(np.concatenate([b["embedding"] for b in batches])[order], [texts[i] for i in order],
-                   np.concatenate([b["nll"] for b in batches])[order], np.concatenate([b["tokens"] for b in batches])[order],
-                   [errors[i] for i in order])

@@ -11,7 +11,7 @@ from mlflow.entities import Metric
 
 from cafe.config import ExperimentConfig
 from cafe.inference import InferenceModel
-from evaluation.backends import actor_pool, in_process
+from evaluation.backends import ActorPool, in_process
 from evaluation.scorecard import Scorecard, score_tasks, write_report
 from evaluation.suites import SuiteTask, prepare_tasks
 
@@ -40,20 +40,25 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, tasks:
     """Score `checkpoint` on `tasks` (default: every configured suite, or only `suites`).
 
     Args:
-        use_ray: answer on a pool of `eval.num_actors` warm Ray actors; False: in this process.
+        use_ray: answer on a pool of `eval.num_actors` Ray actors, warm for every suite of this
+            call (each loads the model once); False: in this process.
         tracking: an existing MLflow run to log metrics (at `step`) and the report files to.
         report_dir: where the report goes (default `<output_dir>/<label>`).
         label: names the report folder and its MLflow artifact folder, e.g. `untrained`, `trained`.
     """
     tasks = tasks if tasks is not None else prepare_tasks(cfg.eval, cfg.data.eval_dir, suites=suites)
-    use_gpu = cfg.train.use_gpu
     if use_ray:
-        backend = actor_pool(str(checkpoint), num_actors=cfg.eval.num_actors, cpus_per_actor=cfg.eval.cpus_per_actor,
-                             batch_size=cfg.eval.batch_size, use_gpu=use_gpu, emb_type=cfg.loss.emb_type)
+        pool = ActorPool(num_actors=cfg.eval.num_actors, cpus_per_actor=cfg.eval.cpus_per_actor,
+                         use_gpu=cfg.train.use_gpu)
+        try:
+            card = score_tasks(tasks, pool.backend(str(checkpoint), batch_size=cfg.eval.batch_size,
+                                                   emb_type=cfg.loss.emb_type))
+        finally:
+            pool.close()  # its CPUs go back to the cluster (training, or the next job)
     else:
-        backend = in_process(InferenceModel.load(checkpoint, device="cuda" if use_gpu else "cpu",
-                                                 emb_type=cfg.loss.emb_type, batch_size=cfg.eval.batch_size))
-    card = score_tasks(tasks, backend)
+        card = score_tasks(tasks, in_process(InferenceModel.load(
+            checkpoint, device="cuda" if cfg.train.use_gpu else "cpu", emb_type=cfg.loss.emb_type,
+            batch_size=cfg.eval.batch_size)))
     files = write_report(card, report_dir or Path(cfg.output_dir) / label, title=f"{cfg.name}: {label} (step {step})",
                          checkpoint=str(checkpoint), step=step)
     if tracking is not None:

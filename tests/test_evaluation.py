@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from cafe.config import EvalConfig, ExperimentConfig, load_config
 from cafe.inference import InferenceModel
-from evaluation.backends import actor_pool, in_process, training_workers
+from evaluation.backends import ActorPool, in_process, training_workers
 from evaluation.requests import Request
 from evaluation.run import RunRef, evaluate_checkpoint
 from evaluation.suites import prepare_tasks
@@ -58,8 +58,11 @@ def assert_same_answers(a, b):
 
 def test_actor_pool_matches_in_process(tiny_checkpoint, requests, ray_cluster):
     local = in_process(InferenceModel.load(tiny_checkpoint, batch_size=32))(requests)
-    pooled = actor_pool(str(tiny_checkpoint), num_actors=2, cpus_per_actor=0.5, batch_size=4)(requests)
+    pool = ActorPool(num_actors=2, cpus_per_actor=0.5)
+    pooled = pool.backend(str(tiny_checkpoint), batch_size=4)(requests)
     assert_same_answers(pooled, local)
+    assert_same_answers(pool.backend(str(tiny_checkpoint), batch_size=4)(requests), local)  # warm: a second call
+    pool.close()
     assert [bool(e) for e in local.errors] == [i in (5, 6) for i in range(len(requests))]
     assert "not an image" in local.errors[5] and "missing.png" in local.errors[6]
     assert not local.embeddings[5].any()

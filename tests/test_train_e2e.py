@@ -8,6 +8,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from cafe.config import load_config, to_flat_dict
 from cluster import jobs
+from evaluation.run import evaluate_checkpoint
 from trainers.run import build_trainer
 
 pytestmark = pytest.mark.slow
@@ -37,9 +38,10 @@ def test_deepspeed_run_logs_to_mlflow_and_exports_hf(prepared, stage, compiled):
     root, overrides = prepared
     name = f"zero{stage}{'-compiled' if compiled else ''}"
     cfg = load_config("configs/demo.yaml", overrides + [f"train.zero_stage={stage}", f"model.compile_blocks={compiled}",
-                                                        f"name={name}", f"output_dir={root}/{name}"])
+                                                        f"name={name}", f"output_dir={root}/{name}", "eval.every_steps=2"])
     run_id = jobs.open_run(cfg)
-    model_dir = jobs.train(cfg, run_id)
+    model_dir, steps = jobs.train(cfg, run_id)
+    assert steps == 3
 
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(run_id)
@@ -49,6 +51,18 @@ def test_deepspeed_run_logs_to_mlflow_and_exports_hf(prepared, stage, compiled):
         history = client.get_metric_history(run_id, key)
         assert [m.step for m in history] == [1, 2, 3], key
         assert all(torch.isfinite(torch.tensor(m.value)) for m in history)
+    # the scorecard on the live weights (every rank answering a share; ZeRO-3 gathers in step)
+    # at step 2 and at the end, from the same requests as a checkpoint evaluation
+    for key in ("eval/retrieval/scenes/i2t_r1", "eval/mmeb/scenes/overall", "eval/pope/scenes/f1",
+                "eval/generation/scenes/caption_loss"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [2, 3], key
+    assert {a.path for a in client.list_artifacts(run_id, "scorecards")} == {"scorecards/step_0000002",
+                                                                           "scorecards/step_0000003"}
+    # ... and the numbers equal those of the exported checkpoint scored in one process
+    final = evaluate_checkpoint(cfg, model_dir, use_ray=False, report_dir=root / name / "check").metrics
+    for key in ("eval/retrieval/scenes/i2t_r5", "eval/mmeb/scenes/overall", "eval/pope/scenes/f1",
+                "eval/generation/scenes/caption_loss", "eval/generation/scenes/qa_exact_match"):
+        assert client.get_metric_history(run_id, key)[-1].value == pytest.approx(final[key], rel=1e-4, abs=1e-5), key
     loss = client.get_metric_history(run_id, "train/loss")
     lm, con = (client.get_metric_history(run_id, k)[-1].value for k in ("train/lm_loss", "train/con_loss"))
     assert loss[-1].value == pytest.approx(lm + cfg.loss.con_weight * con, rel=1e-4)

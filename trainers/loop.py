@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import ray.train
@@ -149,7 +150,12 @@ def _in_training_evaluation(cfg: ExperimentConfig, model: CafeModel, processor, 
     if not cfg.eval.every_steps:
         return None
     tasks = prepare_tasks(cfg.eval, cfg.data.eval_dir)  # loaded once; the same requests on every rank
-    inference = InferenceModel(model, processor, batch_size=cfg.eval.batch_size, synced_gpus=cfg.train.zero_stage == 3)
+    gather = None
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        gather = partial(deepspeed.zero.GatheredParameters, modifier_rank=None)
+    inference = InferenceModel(model, processor, batch_size=cfg.eval.batch_size, gather_sharded=gather)
     backend = training_workers(inference, rank, world)
 
     def evaluate(step: int) -> dict[str, float]:
