@@ -4,23 +4,41 @@ numbers; they differ only in who holds the model and how the work is split."""
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
 import ray
-import ray.util
 import torch.distributed as dist
 
 from cafe.inference import InferenceModel
 from evaluation.requests import Answers, Request, answer
 
 Backend = Callable[[list[Request]], Answers]
+CHUNKS_PER_ACTOR = 4
+IN_FLIGHT = 2
 IN_PROCESS_BLOCK = 512  # requests decoded at once in one process: bounds the memory of decoded images
 
 
 def _cost_order(requests: list[Request]) -> list[int]:
     """Grouped by op, then by length: each slice of this order is one homogeneous batch."""
     return sorted(range(len(requests)), key=lambda i: (requests[i].op, requests[i].cost))
+
+
+def _chunks(requests: list[Request], batch_size: int, at_least: int) -> list[list[int]]:
+    """Cost-ordered chunks of one op each, at most `batch_size` requests and about 1/`at_least`
+    of the total cost, so that the slow (image) chunks are small enough to spread."""
+    order = _cost_order(requests)
+    budget = sum(requests[i].cost for i in order) / at_least
+    chunks: list[list[int]] = []
+    spent = 0.0
+    for i in order:
+        if not chunks or len(chunks[-1]) == batch_size or spent >= budget or requests[chunks[-1][0]].op != requests[i].op:
+            chunks.append([])
+            spent = 0.0
+        chunks[-1].append(i)
+        spent += requests[i].cost
+    return chunks
 
 
 def in_process(model: InferenceModel) -> Backend:
@@ -64,14 +82,33 @@ class ActorPool:
         ray.get([a.load.remote(str(checkpoint), device, emb_type, batch_size) for a in self.actors])
 
         def run(requests: list[Request]) -> Answers:
-            order = _cost_order(requests)
-            chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-            pool = ray.util.ActorPool(self.actors)
-            parts = list(pool.map_unordered(lambda actor, chunk: actor.answer.remote(chunk, [requests[i] for i in chunk]),
-                                            chunks))
+            parts = self._dispatch(_chunks(requests, batch_size, CHUNKS_PER_ACTOR * len(self.actors)), requests)
             return _merge(parts, len(requests), parts[0][1].embeddings.shape[1])
 
         return run
+
+    def _dispatch(self, chunks: list[list[int]], requests: list[Request]) -> list[tuple[list[int], Answers]]:
+        """Work stealing with `IN_FLIGHT` chunks queued per actor, so an actor never waits for
+        the driver between chunks."""
+        queue = deque(chunks)
+        pending: dict = {}
+
+        def submit(actor) -> None:
+            chunk = queue.popleft()
+            pending[actor.answer.remote(chunk, [requests[i] for i in chunk])] = actor
+
+        for actor in self.actors:
+            for _ in range(IN_FLIGHT):
+                if queue:
+                    submit(actor)
+        parts = []
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(done)
+            parts.append(ray.get(done))
+            if queue:
+                submit(actor)
+        return parts
 
     def close(self) -> None:
         for actor in self.actors:
