@@ -154,6 +154,26 @@ class TrackingConfig:
 
 
 @dataclass(kw_only=True)
+class SweepConfig:
+    """A Ray Tune sweep over this experiment (`cafe sweep`). Every trial is this config with
+    the sampled values set at their dotted keys."""
+
+    name: str = ""  # the sweep's Tune run and MLflow parent run; empty: "<name>-sweep"
+    # dotted config key -> grid(a, b, ...) | choice(a, b, ...) | uniform(lo, hi) | loguniform(lo, hi)
+    search_space: dict[str, str] = field(default_factory=dict)
+    num_samples: int = 1  # samples of the random distributions (each grid point runs this many times)
+    max_concurrent_trials: int = 0  # 0: as many as the cluster fits (each trial holds train.num_workers workers)
+    # the scalar to optimise: a weighted sum of reported metrics (retrieval gain, caption-loss penalty, ...)
+    objective: dict[str, float] = field(default_factory=lambda: {
+        "eval/retrieval/scenes/i2t_r1": 0.5, "eval/retrieval/scenes/t2i_r1": 0.5,
+        "eval/generation/scenes/caption_loss": -0.5})
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"  # asha: stop clearly worse trials at in-training evaluations
+    grace_period: int = 1  # steps before ASHA may stop a trial
+    reduction_factor: int = 2
+
+
+@dataclass(kw_only=True)
 class ExperimentConfig:
     name: str = "demo"
     output_dir: str = "runs/demo"
@@ -163,6 +183,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: SweepConfig = field(default_factory=SweepConfig)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

@@ -16,6 +16,7 @@ COMMANDS = {
     "tiny": "build the tiny offline checkpoint at model.checkpoint",
     "data": "convert OneVision-layout input into training Parquet (+ quarantine)",
     "train": "train with Ray TorchTrainer + DeepSpeed; logs to MLflow",
+    "sweep": "Ray Tune sweep over tune.search_space; one MLflow child run per trial under a parent run",
     "eval": "score --checkpoint (default: output_dir/model) on eval.suites: retrieval, MMEB, POPE, generation",
 }
 
@@ -28,6 +29,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--config", help="YAML experiment config (default: built-in defaults)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loss.con_weight=0.5")
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else in-process)")
+        if name == "sweep":
+            p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
         if name == "eval":
             p.add_argument("--checkpoint", help="model directory to score")
             p.add_argument("--suite", help="comma-separated suites to score (default: every one in eval.suites)")
@@ -65,12 +68,22 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as err:
             print(f"cafe eval: {err}", file=sys.stderr)
             return 2
+    if args.command == "sweep":
+        from tuning.sweep import check_sweep
+
+        try:
+            check_sweep(cfg)
+        except ConfigError as err:
+            print(f"cafe sweep: {err}", file=sys.stderr)
+            return 2
     init_ray(cfg, args.address)
     if args.command == "demo":
         result = jobs.demo(cfg)
         print_demo(result)
     elif args.command == "data":
         print(jobs.run_data(cfg).to_json())
+    elif args.command == "sweep":
+        print_sweep(jobs.sweep(cfg, resume=args.resume), cfg)
     elif args.command == "train":
         print(jobs.run_train(cfg))
     elif args.command == "eval":
@@ -88,6 +101,17 @@ def print_demo(result: dict) -> None:
     print(f"  reports       : {result['reports']['untrained']}, {result['reports']['trained']}")
     print(f"  MLflow        : {result['tracking_uri']} (run {result['run_id']}); "
           f"view with: mlflow ui --backend-store-uri {result['tracking_uri']} --host 127.0.0.1")
+
+
+def print_sweep(result, cfg) -> None:
+    print(f"\nsweep {result.name} finished: {len(result.summary.trials)} trials")
+    for path in result.files:
+        if path.suffix == ".md":
+            print(path.read_text())
+    print(f"  report  : {next(p for p in result.files if p.suffix == '.html')}")
+    print(f"  MLflow  : {cfg.tracking.tracking_uri}, experiment {cfg.tracking.experiment!r}, parent run "
+          f"{result.parent_run_id} (children tagged cafe.sweep={result.name}); the page is under the parent's "
+          "artifacts, sweep/sweep.html")
 
 
 if __name__ == "__main__":

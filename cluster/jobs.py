@@ -56,6 +56,27 @@ def tracked_run(cfg: ExperimentConfig) -> Iterator[str]:
     finish_run(cfg.tracking.tracking_uri, run_id)
 
 
+def ensure_training_data(cfg: ExperimentConfig) -> None:
+    """Training Parquet for a run or sweep; the embedded scenes are drawn and converted when
+    `data.train_dir` has none and `data.raw_dir` has no input either."""
+    if any(Path(cfg.data.train_dir).glob("**/*.parquet")) or "://" in cfg.data.train_dir:
+        return
+    if not any(Path(cfg.data.raw_dir).glob("**/*.parquet")):
+        prepare_scenes(cfg)
+    run_data(cfg)
+
+
+def sweep(cfg: ExperimentConfig, *, resume: bool = False):
+    """The sweep's inputs (base checkpoint, training data) once, then the Tune run."""
+    from tuning.sweep import run_sweep
+
+    ensure_checkpoint(cfg)
+    ensure_training_data(cfg)
+    if not Path(cfg.data.eval_dir).exists():
+        prepare_scenes(cfg)
+    return run_sweep(cfg, resume=resume)
+
+
 def run_train(cfg: ExperimentConfig) -> Path:
     ensure_checkpoint(cfg)
     with tracked_run(cfg) as run_id:

@@ -10,7 +10,8 @@ from cafe.config import ExperimentConfig
 
 def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     """`address` (or RAY_ADDRESS, as set by `ray job submit`) joins a running cluster; otherwise
-    Ray starts in this process. Locally, logical CPUs cover every train worker plus the data
+    Ray starts in this process (`address="local"`: never silently joins a head that happens to
+    run on this machine). Locally, logical CPUs cover every train worker plus the data
     and evaluation tasks, so on a 2-core laptop neither side waits forever for the other."""
     if ray.is_initialized():
         return
@@ -20,5 +21,9 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
         ray.init(address=address)
         return
     needed = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.eval.num_actors * cfg.eval.cpus_per_actor + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}})
+    # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's controller queries
+    # to see whether a run's actors are alive and to free a finished run's placement group;
+    # without it every query times out and a sweep's next trial waits for CPUs that are never freed.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True,
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}})

@@ -1,0 +1,93 @@
+"""`cafe sweep` as a user runs it (a subprocess, in-process Ray, SQLite MLflow): four trials on
+2 CPUs, one MLflow child run per trial under the parent, ASHA stopping the trials that cannot
+learn (learning rate 2.0) at their first in-training evaluation, and an interrupted sweep
+resumed without rerunning its finished trials."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+NAME = "sweep-test"
+
+
+def sweep_command(root: Path, *extra: str) -> list[str]:
+    overrides = [
+        f"output_dir={root}/out", f"model.checkpoint={root}/base", f"data.raw_dir={root}/raw",
+        f"data.train_dir={root}/train", f"data.quarantine_dir={root}/q", f"data.eval_dir={root}/raw/eval",
+        "data.scenes.train_images=48", "data.scenes.eval_images=8", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
+        "train.batch_size=4", "train.max_steps=4", "eval.every_steps=2", f"tune.name={NAME}",
+        "tune.search_space={train.lr: 'grid(0.002, 2.0)', loss.con_weight: 'grid(0.25, 1.0)'}",
+        "tune.grace_period=2", "tune.reduction_factor=2", "tune.max_concurrent_trials=1",
+        # the caption loss alone: a model trained at lr 2.0 is clearly worse at step 2
+        "tune.objective={eval/generation/scenes/caption_loss: -1.0}",
+    ]
+    args = [sys.executable, "-m", "cluster.cli", "sweep", "--config", "configs/sweep-demo.yaml", *extra]
+    for o in overrides:
+        args += ["--set", o]
+    return args
+
+
+def children(client: MlflowClient, parent):
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+
+def parent_run(client: MlflowClient):
+    experiment = client.get_experiment_by_name("cafe-sweeps")
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`cafe.run_key` = '{NAME}'")[0]
+
+
+def test_sweep_children_asha_and_resume(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    # first launch: interrupted once two trials have finished
+    proc = subprocess.Popen(sweep_command(tmp_path), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 900
+    finished = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(5)
+        try:
+            finished = [r for r in children(client, parent_run(client)) if r.info.status in ("FINISHED", "KILLED")]
+        except Exception:  # the store is created by the sweep itself
+            continue
+        if len(finished) >= 2:
+            break
+    assert len(finished) >= 2, proc.stdout.read()[-4000:] if proc.poll() is not None else "timed out"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and exits
+    proc.wait(timeout=300)
+    first = {r.data.tags["cafe.run_key"]: r for r in finished}
+
+    done = subprocess.run(sweep_command(tmp_path, "--resume"), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Trial status" in done.stdout + done.stderr  # Tune's trial table in the log
+
+    parent = parent_run(client)
+    assert parent.info.status == "FINISHED"
+    runs = children(client, parent)
+    assert len(runs) == 4
+    assert {(r.data.params["train.lr"], r.data.params["loss.con_weight"]) for r in runs} == \
+        {(lr, cw) for lr in ("0.002", "2.0") for cw in ("0.25", "1.0")}
+    for run in runs:
+        assert run.data.params["train.max_steps"] == "4"
+        assert "eval/retrieval/scenes/i2t_r1" in run.data.metrics and "objective" in run.data.metrics
+        if run.data.tags["cafe.run_key"] in first:  # finished before the interruption: not run again
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+            assert steps == sorted(set(steps)), steps
+            assert run.info.end_time == first[run.data.tags["cafe.run_key"]].info.end_time
+    stopped = [r for r in runs if r.data.tags.get("cafe.trial_status") == "stopped early by the scheduler"]
+    assert stopped and all(r.data.params["train.lr"] == "2.0" for r in stopped)
+    assert all(max(m.step for m in client.get_metric_history(r.info.run_id, "train/loss")) < 4 for r in stopped)
+    complete = [r for r in runs if r not in stopped]
+    assert all(r.info.status == "FINISHED" for r in complete)
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/trials.csv", "sweep/trials.md", "sweep/sweep.html", "sweep/pareto.png"} <= artifacts
+    assert "best_objective" in parent.data.metrics
