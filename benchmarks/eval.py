@@ -80,7 +80,7 @@ def main() -> None:
         data = load_retrieval_set(files["retrieval"])
         requests = [Request("embed", image=b) for b in data.images] + [Request("embed", text=c) for c in data.captions]
 
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         started = time.perf_counter()
         pool = ActorPool(num_actors=actors, cpus_per_actor=cpus / actors if not use_gpu else 1.0, use_gpu=use_gpu)

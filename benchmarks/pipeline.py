@@ -115,7 +115,7 @@ def main() -> None:
         write_input(work / "in", args.rows, args.shards)
         write_input(work / "warm", 2 * args.num_cpus, args.num_cpus, seed=1)
         print(f"generated {args.rows} rows of 640x480 JPEG in {time.perf_counter() - t0:.1f}s")
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         load = os.getloadavg()[0]
         times: dict[str, list[float]] = {"local": [], "ray": []}

@@ -21,6 +21,7 @@ if [[ "$HOST" == 0.0.0.0 ]]; then URL_HOST=127.0.0.1; fi
 TIMEOUT="${CAFE_UP_TIMEOUT:-180}"
 TOKEN_FILE="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
 NAMES=(ray mlflow)
+STARTED=()  # by this call of `up`
 
 usage() {
   echo "usage: bash cluster/local.sh up [ray start flags] | down | status" >&2
@@ -111,48 +112,49 @@ stop() {
   rm -f "$STATE/$1.pid" "$STATE/$1.url"
 }
 
+# After a failed start: stop what this call started, nothing else.
+abort() {
+  local name
+  echo "error: $1" >&2
+  for name in ${STARTED[@]+"${STARTED[@]}"}; do stop "$name"; done
+  exit 1
+}
+
 up() {
   if [[ ! -x "$VENV/bin/ray" || ! -x "$VENV/bin/mlflow" ]]; then
     echo "error: $VENV is not installed; run \`make install\` first" >&2
     exit 1
   fi
   mkdir -p "$LOGS"
-  local name address started=()
+  local name address
   for name in "${NAMES[@]}"; do
     if running "$name"; then
       echo "$(title "$name") already running (pid $(pid_of "$name")): $(url "$name")"
       continue
     fi
     rm -f "$STATE/$name.pid" "$STATE/$name.url"
-    if [[ "$(http_code "$(url "$name")")" != 000 ]]; then
-      echo "error: $(url "$name") already answers, but not for a service this script started;" \
-           "stop that one or choose another port (RAY_DASHBOARD_PORT, MLFLOW_PORT)" >&2
-      for name in "${started[@]}"; do stop "$name"; done
-      exit 1
-    fi
     address="$(url "$name")"
+    if [[ "$(http_code "$address")" != 000 ]]; then
+      abort "$address already answers, but not for a service this script started; stop that one or choose another port (RAY_DASHBOARD_PORT, MLFLOW_PORT)"
+    fi
     echo "$address" >"$STATE/$name.url"
     if [[ "$name" == ray ]]; then start_ray "$@"; else start_mlflow; fi
     echo "starting $(title "$name") (pid $(pid_of "$name")), log: $LOGS/$name.log"
-    started+=("$name")
+    STARTED+=("$name")
   done
-  if ((${#started[@]} == 0)); then
+  if ((${#STARTED[@]} == 0)); then
     echo "nothing to start"
     echo
     status
     return
   fi
   local deadline=$((SECONDS + TIMEOUT))
-  for name in "${started[@]}"; do
+  for name in "${STARTED[@]}"; do
     until ready "$name"; do
-      if ! alive "$name" || ((SECONDS >= deadline)); then
-        if alive "$name"; then
-          echo "error: $(title "$name") did not answer on $(url "$name") within ${TIMEOUT}s; see $LOGS/$name.log" >&2
-        else
-          echo "error: $(title "$name") exited while starting; see $LOGS/$name.log" >&2
-        fi
-        for name in "${started[@]}"; do stop "$name"; done
-        exit 1
+      if ! alive "$name"; then
+        abort "$(title "$name") exited while starting; see $LOGS/$name.log"
+      elif ((SECONDS >= deadline)); then
+        abort "$(title "$name") did not answer on $(url "$name") within ${TIMEOUT}s; see $LOGS/$name.log"
       fi
       sleep 1
     done

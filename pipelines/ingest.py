@@ -210,7 +210,7 @@ def _run_units_with_ray(units: list[WorkUnit], context: UnitContext, options: In
     if not units:
         return []
     if not ray.is_initialized():
-        ray.init(num_cpus=options.num_cpus or None, include_dashboard=False)
+        ray.init(address="local", num_cpus=options.num_cpus or None, include_dashboard=False)
     items = [{"unit": json.dumps(dataclasses.asdict(u), ensure_ascii=False)} for u in units]
     with _single_operator_data_context(ray.data.DataContext.get_current()):
         ds = ray.data.from_items(items, override_num_blocks=len(items))

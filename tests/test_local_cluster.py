@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,28 @@ def test_nothing_running(env):
     assert "Ray head: down" in status.stdout and "MLflow:   down" in status.stdout
     down = local(env, "down")
     assert down.returncode == 0 and "nothing running" in down.stdout
+
+
+def test_up_refuses_a_port_another_service_answers(env, tmp_path):
+    server = HTTPServer(("127.0.0.1", int(env["RAY_DASHBOARD_PORT"])), BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = local(env, "up")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 1 and "already answers" in done.stderr and "RAY_DASHBOARD_PORT" in done.stderr
+    assert not list((tmp_path / "cafe" / "local").glob("*.pid"))
+
+
+@pytest.mark.slow
+def test_failed_start_points_at_the_log_and_stops_the_rest(env, tmp_path):
+    done = local(env, "up", "--no-such-flag", timeout=300)
+    state = tmp_path / "cafe" / "local"
+    assert done.returncode == 1
+    assert f"Ray head exited while starting; see {state}/logs/ray.log" in done.stderr
+    assert "no such option" in (state / "logs" / "ray.log").read_text().lower()
+    assert not list(state.glob("*.pid")) and refused(int(env["MLFLOW_PORT"]))
 
 
 def refused(port: int) -> bool:

@@ -113,7 +113,9 @@ def test_packed_step_under_eager_and_recompute(tiny_checkpoint, variant):
     torch.testing.assert_close(a, b)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+        # float32 summation order differs between the kernels: judged against the gradient's scale
+        scale = grads_b[name].abs().max().item()
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6 + 1e-5 * scale, msg=name)
 
 
 def test_unsupported_attention_is_a_clear_error(tiny_checkpoint):

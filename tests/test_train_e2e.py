@@ -24,7 +24,7 @@ def prepared(tmp_path_factory):
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", "train.batch_size=4", "train.max_steps=3",
     ]
     cfg = load_config("configs/demo.yaml", overrides)
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
     jobs.prepare_scenes(cfg)
     jobs.ensure_checkpoint(cfg)
     summary = jobs.run_data(cfg)

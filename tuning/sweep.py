@@ -73,9 +73,16 @@ class ObjectiveReport(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
+def join(base: str, *parts: str) -> str:
+    """A path under a local directory or a URI (s3://...), which Path would mangle."""
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts).resolve())
+
+
 def trial_config(base: ExperimentConfig, values: dict, trial_id: str, name: str) -> ExperimentConfig:
     cfg = with_values(base, values)
-    return dataclasses.replace(cfg, name=f"{name}-{trial_id}", output_dir=str(Path(base.output_dir, "sweeps", name, trial_id)),
+    return dataclasses.replace(cfg, name=f"{name}-{trial_id}", output_dir=join(base.output_dir, "sweeps", name, trial_id),
                                tracking=dataclasses.replace(cfg.tracking, run_name=f"{name} {trial_id}"))
 
 
@@ -114,11 +121,11 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
     params = {f"tune.{k}": v for k, v in to_flat_dict(cfg.tune).items()}
     parent = get_or_create_run(tracking_uri, cfg.tracking.experiment, run_key=name, run_name=name, params=params)
     MlflowClient(tracking_uri).set_tag(parent, SWEEP_TAG, name)
-    storage = str(Path(cfg.output_dir, "sweeps").resolve()) if "://" not in cfg.output_dir else f"{cfg.output_dir}/sweeps"
+    storage = join(cfg.output_dir, "sweeps")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=dataclasses.asdict(cfg), name=name, parent_run_id=parent,
-                             storage_path=str(Path(storage, name, "train"))),
+                             storage_path=join(storage, name, "train")),
         {"cpu": TRIAL_CPU})
     path = f"{storage}/{name}"
     try:
@@ -177,7 +184,7 @@ def summarise(cfg: ExperimentConfig, name: str, dims: list[Dimension], grid) -> 
 def _write_report(cfg: ExperimentConfig, summary: SweepSummary, parent: str) -> list[Path]:
     retrieval = next((k for k in cfg.tune.objective if "/retrieval/" in k), "eval/retrieval/scenes/i2t_r1")
     caption = next((k for k in cfg.tune.objective if k.endswith("caption_loss")), "eval/generation/scenes/caption_loss")
-    out = Path(cfg.output_dir, "sweeps", summary.name, "report") if "://" not in cfg.output_dir else \
+    out = Path(join(cfg.output_dir, "sweeps", summary.name, "report")) if "://" not in cfg.output_dir else \
         Path(tempfile.mkdtemp(prefix="sweep-report-"))
     files = write_sweep_report(summary, dataclasses.asdict(cfg), out, retrieval_metric=retrieval, caption_metric=caption)
     client = MlflowClient(cfg.tracking.tracking_uri)
