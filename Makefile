@@ -7,7 +7,7 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint test test-fast clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/cafe demo --config configs/demo.yaml
+
+lint: install
+	$(BIN)/ruff check .
 
 test: install
 	$(BIN)/pytest tests -q

@@ -97,9 +97,11 @@ def main() -> None:
     n = len(requests)
     ks = [1, 5, 10]
     num_images = len(data.images)
-    score = {name: recall_at_k(torch.from_numpy(e[:num_images]), torch.from_numpy(e[num_images:]), data.text_to_image, ks)
+    score = {name: recall_at_k(torch.from_numpy(e[:num_images]), torch.from_numpy(e[num_images:]),
+                               data.text_to_image, ks)
              for name, e in (("reference", reference), ("ours", ours))}
-    machine = torch.cuda.get_device_name() if use_gpu else f"CPU, {cpus} cores ({platform.processor() or platform.machine()})"
+    machine = (torch.cuda.get_device_name() if use_gpu
+               else f"CPU, {cpus} cores ({platform.processor() or platform.machine()})")
     print(f"size={args.size} images={num_images} captions={len(data.captions)} image_size={args.image_size} "
           f"device={machine} load={os.getloadavg()[0]:.2f}")
     print(f"reference one-at-a-time: {reference_s:.2f} s, {n / reference_s:.1f} embeddings/s")

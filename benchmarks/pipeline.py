@@ -83,7 +83,8 @@ def write_input(root: Path, rows: int, shards: int, seed: int = 0) -> None:
     for s in range(shards):
         part = records[s * per_shard : (s + 1) * per_shard]
         if part:
-            write_onevision_shard(part, str(root / "bench" / f"train-{s:05d}-of-{shards:05d}.parquet"), row_group_size=50)
+            write_onevision_shard(part, str(root / "bench" / f"train-{s:05d}-of-{shards:05d}.parquet"),
+                                  row_group_size=50)
 
 
 def same_outputs(a: Path, b: Path) -> bool:
@@ -124,9 +125,11 @@ def main() -> None:
             run_pipeline(input_dir=str(work / "warm"), output_dir=str(work / f"warm-out-{executor}"), options=options)
         for _ in range(args.repeat):
             for executor in times:
-                options = IngestConfig(executor=executor, rows_per_shard=args.rows_per_shard, cpus_per_task=args.cpus_per_task)
+                options = IngestConfig(executor=executor, rows_per_shard=args.rows_per_shard,
+                                       cpus_per_task=args.cpus_per_task)
                 start = time.perf_counter()
-                summary = run_pipeline(input_dir=str(work / "in"), output_dir=str(work / f"out-{executor}"), options=options)
+                summary = run_pipeline(input_dir=str(work / "in"), output_dir=str(work / f"out-{executor}"),
+                                       options=options)
                 times[executor].append(time.perf_counter() - start)
                 assert summary.written == args.rows and summary.quarantined == 0, summary.to_json()
         ray.shutdown()

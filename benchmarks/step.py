@@ -43,7 +43,8 @@ def make_examples(batch: int, crops: int, image_size: int, answer_words: int, se
     examples = []
     for _ in range(batch):
         width = image_size * max(1, crops - 1)  # base view + (crops - 1) tiles side by side
-        pixels = torch.randint(0, 256, (image_size, width, 3), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+        pixels = torch.randint(0, 256, (image_size, width, 3),
+                               generator=torch.Generator().manual_seed(rng.randrange(2**31)))
         image = Image.fromarray(pixels.to(torch.uint8).numpy())
         words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
         answer = words(answer_words)
@@ -59,7 +60,8 @@ def _forward_flops(vlm, *, lm_tokens: int, vision_tokens: int, pairs: int, logit
     lm_params = sum(p.numel() for n, p in vlm.model.language_model.named_parameters() if "embed" not in n)
     vision_params = sum(p.numel() for p in vlm.model.vision_tower.parameters())
     return (2 * lm_params * lm_tokens + 2 * vision_params * vision_tokens
-            + 4 * text.hidden_size * text.num_hidden_layers * pairs + 2 * text.hidden_size * text.vocab_size * logit_rows)
+            + 4 * text.hidden_size * text.num_hidden_layers * pairs
+            + 2 * text.hidden_size * text.vocab_size * logit_rows)
 
 
 def _vision_tokens(vlm, pixel_values: torch.Tensor | None) -> int:
@@ -180,7 +182,8 @@ def main() -> None:
             f"(ratio {reference_flops / flops:.2f}x: the speedup at equal efficiency)")
     if args.work_only:
         print(f"size={args.size} batch={args.batch} crops={args.crops} tokens/image={batch.tokens_per_image[0]} "
-              f"packed tokens={batch.input_ids.shape[1]} recompute: three-pass={'on' if big else 'off'} ours={recompute}")
+              f"packed tokens={batch.input_ids.shape[1]} "
+              f"recompute: three-pass={'on' if big else 'off'} ours={recompute}")
         print(work)
         return
     vlm = vlm.to(device, dtype).train()
@@ -217,14 +220,15 @@ def main() -> None:
           f"collate={collate_ms:.0f} ms (CPU, off the step) recompute(ours)={recompute} compile(ours)={args.compile} "
           f"warm-up(ours)={warm['packed']:.1f} s")
     print(work)
-    print(f"{'step':<12}{'ms/step':>10}{'range ms':>14}{'samples/s':>12}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU':>7}{'loss':>9}")
+    print(f"{'step':<12}{'ms/step':>10}{'range ms':>14}{'samples/s':>12}{'peak GiB':>10}"
+          f"{'TFLOP/s':>9}{'MFU':>7}{'loss':>9}")
     for label, timer in timers.items():
         s = timer.seconds()
         spread = f"{min(timer.rounds) * 1000:.0f}-{max(timer.rounds) * 1000:.0f}"
         rate = work_of[label] / s
         mfu = f"{rate / peak:.1%}" if peak else "n/a"
-        print(f"{label:<12}{s * 1000:>10.1f}{spread:>14}{args.batch / s:>12.1f}{timer.peak_gib():>10.1f}{rate / 1e12:>9.2f}"
-              f"{mfu:>7}{timer.loss:>9.4f}")
+        print(f"{label:<12}{s * 1000:>10.1f}{spread:>14}{args.batch / s:>12.1f}{timer.peak_gib():>10.1f}"
+              f"{rate / 1e12:>9.2f}{mfu:>7}{timer.loss:>9.4f}")
     print(f"speedup: {timers['three-pass'].seconds() / timers['packed'].seconds():.2f}x")
 
 

@@ -56,11 +56,11 @@ class PackedAttention:
     output: torch.Tensor  # (rows * length,) row of the concatenated outputs for each token; padding: the zero row
     pairs: int  # (query, key) pairs the mask allows, padding aside: the attention work
 
-    def to(self, device: torch.device | str) -> "PackedAttention":
+    def to(self, device: torch.device | str) -> PackedAttention:
         calls = [AttentionCall(c.sequences, c.queries, c.keys, None if c.mask is None else c.mask.to(device))
                  for c in self.calls]
-        return PackedAttention(calls=calls, query_index=self.query_index.to(device), key_index=self.key_index.to(device),
-                               output=self.output.to(device), pairs=self.pairs)
+        return PackedAttention(calls=calls, query_index=self.query_index.to(device),
+                               key_index=self.key_index.to(device), output=self.output.to(device), pairs=self.pairs)
 
 
 def _runs(unit: torch.Tensor, branch: torch.Tensor) -> list[tuple[int, int, int, int]]:

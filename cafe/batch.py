@@ -52,7 +52,7 @@ class PackedBatch:
     # unpacked sequences (expanded), kept for the plain three-pass reference and for debugging
     sequences: list[dict[str, tuple[list[int], list[int], list[int]]]]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedBatch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
         moved = {}
         for name in self.__slots__:
             value = getattr(self, name)
@@ -135,13 +135,15 @@ class Collator:
 
     def _finish(self, groups, seqs) -> PackedBatch:
         image_inputs, per_image = self.encode_images(groups)
-        expanded = [{k: expand_image_tokens(s, self.image_token_id, per_image) for k, s in entry.items()} for entry in seqs]
+        expanded = [{k: expand_image_tokens(s, self.image_token_id, per_image) for k, s in entry.items()}
+                    for entry in seqs]
         if self.max_text_tokens:
             for entry in expanded:
-                for name, (ids, _, owner) in entry.items():
+                for name, (_ids, _, owner) in entry.items():
                     text_tokens = sum(1 for o in owner if o < 0)
                     if text_tokens > self.max_text_tokens:
-                        raise ValueError(f"{name} has {text_tokens} text tokens, over max_text_tokens={self.max_text_tokens}")
+                        raise ValueError(f"{name} has {text_tokens} text tokens, "
+                                         f"over max_text_tokens={self.max_text_tokens}")
         return self._pack(expanded, image_inputs, per_image)
 
     def _pack(self, expanded, image_inputs, per_image) -> PackedBatch:
@@ -209,7 +211,8 @@ class Collator:
         )
 
 
-def _unit_tokens(seq, start: int, stop: int, branch: int, offsets: list[int], lm: list[int] | None = None) -> list[tuple]:
+def _unit_tokens(seq, start: int, stop: int, branch: int, offsets: list[int],
+                 lm: list[int] | None = None) -> list[tuple]:
     """Tokens start..stop of an expanded sequence as packed-token tuples. An image's tokens are
     contiguous in a sequence, so its k-th token takes row offsets[image] + k of the features."""
     ids, _, owner = seq

@@ -190,7 +190,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(hint)]}, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(hint)]}, "
+                              f"got {value!r}")
         return _build(hint, value, key)
     if origin is Literal:
         choices = typing.get_args(hint)

@@ -61,7 +61,7 @@ class InferenceModel:
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-             emb_type: str = "last", batch_size: int = 32) -> "InferenceModel":
+             emb_type: str = "last", batch_size: int = 32) -> InferenceModel:
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         vlm, processor = load_vlm(checkpoint, dtype=dtype)
@@ -120,7 +120,8 @@ class InferenceModel:
         """Summed NLL and token count over each conversation's assistant tokens."""
 
         def run(chunk: list[int]) -> list[ConversationLoss]:
-            examples = [Example(images=conversations[i][1], messages=conversations[i][0], target_text=None) for i in chunk]
+            examples = [Example(images=conversations[i][1], messages=conversations[i][0], target_text=None)
+                        for i in chunk]
             batch = self.collator(examples).to(self.device, self.dtype)
             hidden = self.model.hidden_states(batch)
             labelled = batch.lm_targets.flatten() != IGNORE_INDEX
@@ -158,8 +159,9 @@ class InferenceModel:
             if image_inputs:
                 extra = {"pixel_values": image_inputs["pixel_values"].to(self.device, self.dtype),
                          "image_sizes": image_inputs["image_sizes"].to(self.device)}
-            out = self.model.vlm.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                          do_sample=False, eos_token_id=self.stop_ids, pad_token_id=pad,
+            out = self.model.vlm.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          max_new_tokens=max_new_tokens, do_sample=False,
+                                          eos_token_id=self.stop_ids, pad_token_id=pad,
                                           synced_gpus=self.gather_sharded is not None, **extra)
             return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.cpu()]
 

@@ -24,7 +24,7 @@ class PassInputs:
     labels: torch.Tensor | None
     vision: dict  # pixel_values, image_sizes, batch_num_images; empty for text-only passes
 
-    def to(self, device, dtype=None) -> "PassInputs":
+    def to(self, device, dtype=None) -> PassInputs:
         vision = {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in self.vision.items()}
         labels = self.labels.to(device) if self.labels is not None else None
         return PassInputs(self.input_ids.to(device), self.attention_mask.to(device), labels, vision)
@@ -55,7 +55,8 @@ def three_pass_inputs(processor, examples: list[Example], batch: PackedBatch) ->
     return {
         "conversation": _pass_inputs(processor, [e["conversation"] for e in batch.sequences],
                                      [ex.images for ex in examples], labels=True),
-        "query": _pass_inputs(processor, [e["query"] for e in batch.sequences], [ex.images for ex in examples], labels=False),
+        "query": _pass_inputs(processor, [e["query"] for e in batch.sequences],
+                              [ex.images for ex in examples], labels=False),
         "target": _pass_inputs(processor, [e["target"] for e in batch.sequences],
                                [ex.target_images for ex in examples], labels=False),
     }

@@ -33,17 +33,20 @@ def encode_conversation(tokenizer, messages: list[dict], image_slots: list[int])
 
 
 def encode_embedding_prompt(tokenizer, text: str | None, image_slots: list[int]) -> Sequence:
-    ids, _ = _encode_pieces(tokenizer, chat_pieces(embedding_messages(text, len(image_slots)), add_generation_prompt=True))
+    ids, _ = _encode_pieces(tokenizer,
+                            chat_pieces(embedding_messages(text, len(image_slots)), add_generation_prompt=True))
     return Sequence(ids, [IGNORE_INDEX] * len(ids), list(image_slots))
 
 
 def encode_generation_prompt(tokenizer, question: str, image_slots: list[int]) -> Sequence:
     """A single user turn and the assistant header: what greedy generation continues."""
-    ids, _ = _encode_pieces(tokenizer, chat_pieces(question_messages(question, len(image_slots)), add_generation_prompt=True))
+    ids, _ = _encode_pieces(tokenizer,
+                            chat_pieces(question_messages(question, len(image_slots)), add_generation_prompt=True))
     return Sequence(ids, [IGNORE_INDEX] * len(ids), list(image_slots))
 
 
-def expand_image_tokens(seq: Sequence, image_token_id: int, tokens_per_image: list[int]) -> tuple[list[int], list[int], list[int]]:
+def expand_image_tokens(seq: Sequence, image_token_id: int,
+                        tokens_per_image: list[int]) -> tuple[list[int], list[int], list[int]]:
     """Replace each placeholder by `tokens_per_image[image]` copies.
 
     Returns ids, labels and, per token, the batch image it shows (-1 for text tokens)."""

@@ -24,8 +24,14 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from cafe.prompts import (CHAT_TEMPLATE, IMAGE_EMBED_INSTRUCTION, IMAGE_TOKEN, SYSTEM_PROMPT, TEXT_EMBED_INSTRUCTION,
-                          VIDEO_TOKEN)
+from cafe.prompts import (
+    CHAT_TEMPLATE,
+    IMAGE_EMBED_INSTRUCTION,
+    IMAGE_TOKEN,
+    SYSTEM_PROMPT,
+    TEXT_EMBED_INSTRUCTION,
+    VIDEO_TOKEN,
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, VIDEO_TOKEN]
 
@@ -83,7 +89,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     )
 
 
-def build_random_model(corpus: Iterable[str], spec: TinySpec) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
+def build_random_model(corpus: Iterable[str],
+                       spec: TinySpec) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
     """A random-initialised model and its processor, in memory."""
     tokenizer = train_tokenizer(corpus, spec.vocab_size)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -27,15 +27,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="YAML experiment config (default: built-in defaults)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loss.con_weight=0.5")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override, e.g. loss.con_weight=0.5")
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else in-process)")
         if name == "sweep":
-            p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+            p.add_argument("--resume", action="store_true",
+                           help="continue an interrupted sweep; finished trials are kept")
         if name == "eval":
             p.add_argument("--checkpoint", help="model directory to score")
             p.add_argument("--suite", help="comma-separated suites to score (default: every one in eval.suites)")
             p.add_argument("--subset", help="comma-separated MMEB subsets (default: every subset found)")
-            p.add_argument("--step", type=int, default=0, help="MLflow step to log at (e.g. the checkpoint's training step)")
+            p.add_argument("--step", type=int, default=0,
+                           help="MLflow step to log at (e.g. the checkpoint's training step)")
     return parser.parse_args(argv)
 
 

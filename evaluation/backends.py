@@ -33,7 +33,8 @@ def _chunks(requests: list[Request], batch_size: int, at_least: int) -> list[lis
     chunks: list[list[int]] = []
     spent = 0.0
     for i in order:
-        if not chunks or len(chunks[-1]) == batch_size or spent >= budget or requests[chunks[-1][0]].op != requests[i].op:
+        if (not chunks or len(chunks[-1]) == batch_size or spent >= budget
+                or requests[chunks[-1][0]].op != requests[i].op):
             chunks.append([])
             spent = 0.0
         chunks[-1].append(i)

@@ -47,7 +47,8 @@ def load_exchanges(path: str | Path) -> tuple[list[Exchange], list[dict]]:
     """Every exchange of every row, plus the rows that could not be read (counted skips)."""
     table = pq.read_table(path, columns=["id", "image", "conversations"])
     exchanges, skipped = [], []
-    for row, (row_id, image, turns) in enumerate(zip(*(table[c].to_pylist() for c in ("id", "image", "conversations")))):
+    columns = (table[c].to_pylist() for c in ("id", "image", "conversations"))
+    for row, (row_id, image, turns) in enumerate(zip(*columns)):
         try:
             turns = normalise_conversation(turns)
         except Rejected as err:

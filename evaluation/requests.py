@@ -51,7 +51,7 @@ class Answers:
     tokens: np.ndarray  # (N,) int64 tokens those sums cover
     errors: list[str]  # "" where the request was answered
 
-    def take(self, index: list[int]) -> "Answers":
+    def take(self, index: list[int]) -> Answers:
         return Answers(self.embeddings[index], [self.texts[i] for i in index], self.nll[index], self.tokens[index],
                        [self.errors[i] for i in index])
 

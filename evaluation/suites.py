@@ -104,7 +104,8 @@ def generation_task(name: str, path: Path, _image_root: Path | None, cfg: EvalCo
     captions = [ex for ex, s in zip(exchanges, short) if not s]
     shown = captions[: cfg.caption_samples]
     requests = ([Request("nll", image=ex.image, messages=generation.messages_json(ex)) for ex in captions]
-                + [Request("generate", text=ex.question, image=ex.image, max_new_tokens=cfg.max_new_tokens) for ex in qa]
+                + [Request("generate", text=ex.question, image=ex.image, max_new_tokens=cfg.max_new_tokens)
+                   for ex in qa]
                 + [Request("generate", text=ex.question, image=ex.image, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
                    for ex in shown])
 

@@ -31,7 +31,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -122,7 +122,9 @@ def run_pipeline(
     context = UnitContext(
         storage=storage,
         convert=ConvertOptions(
-            max_image_pixels=options.max_image_pixels, max_text_chars=options.max_text_chars, max_side=options.max_side or None
+            max_image_pixels=options.max_image_pixels,
+            max_text_chars=options.max_text_chars,
+            max_side=options.max_side or None,
         ),
         compression=options.compression,
         train_staging=staging_path(output_dir),
@@ -365,13 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     defaults = IngestConfig()
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars)
-    parser.add_argument("--max-side", type=int, default=defaults.max_side, help="resize so the longer side is at most this")
+    parser.add_argument("--max-side", type=int, default=defaults.max_side,
+                        help="resize so the longer side is at most this")
     parser.add_argument("--multimodal-input", action="store_true")
     parser.add_argument("--rows-per-shard", type=int, default=defaults.rows_per_shard)
     parser.add_argument("--executor", choices=["ray", "local"], default=defaults.executor)
     parser.add_argument("--cpus-per-task", type=float, default=defaults.cpus_per_task)
     parser.add_argument("--max-concurrent-tasks", type=int, default=defaults.max_concurrent_tasks)
-    parser.add_argument("--num-cpus", type=int, default=defaults.num_cpus, help="ray.init(num_cpus=...) if Ray is not running")
+    parser.add_argument("--num-cpus", type=int, default=defaults.num_cpus,
+                        help="ray.init(num_cpus=...) if Ray is not running")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options = IngestConfig(

@@ -22,8 +22,9 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -303,7 +304,8 @@ def convert_row(
         return False, quarantine_record(row, subset=subset, uid=uid, reason=e.reason, detail=e.detail, origin=origin)
     except Exception as e:  # noqa: BLE001 - a bug or an input we did not foresee: still quarantined
         detail = _describe(e)
-        return False, quarantine_record(row, subset=subset, uid=uid, reason="malformed_row", detail=detail, origin=origin)
+        return False, quarantine_record(row, subset=subset, uid=uid, reason="malformed_row", detail=detail,
+                                        origin=origin)
 
 
 def quarantine_record(

@@ -92,7 +92,7 @@ class Storage:
     local: pafs.LocalFileSystem = field(default_factory=pafs.LocalFileSystem)
 
     @classmethod
-    def for_uris(cls, uris: list[str]) -> "Storage":
+    def for_uris(cls, uris: list[str]) -> Storage:
         """Build the S3 filesystem (from the environment) only when some URI needs it."""
         return cls(s3=s3_filesystem_from_env() if any(is_s3(u) for u in uris if u) else None)
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from cafe.tiny import build_tiny_checkpoint
 
-WORDS = "a the red green blue yellow circle square triangle star small large top bottom left right center is there in image yes no how many shapes".split()
+WORDS = ("a the red green blue yellow circle square triangle star small large top bottom left right center "
+         "is there in image yes no how many shapes").split()
 
 
 def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:

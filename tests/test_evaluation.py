@@ -39,7 +39,8 @@ def requests(tmp_path_factory):
     """Every op, with an undecodable image and a missing image file among them."""
     folder = tmp_path_factory.mktemp("images")
     (folder / "ok.png").write_bytes(png(9))
-    conv = json.dumps([{"role": "user", "content": "<image>\nDescribe."}, {"role": "assistant", "content": "a red star"}])
+    conv = json.dumps([{"role": "user", "content": "<image>\nDescribe."},
+                       {"role": "assistant", "content": "a red star"}])
     return ([Request("embed", image=png(i)) for i in range(5)]
             + [Request("embed", image=b"not an image"), Request("embed", image_path=str(folder / "missing.png"))]
             + [Request("embed", text=t) for t in ("red circle", "a blue square at the top left", "two")]
@@ -118,13 +119,15 @@ def test_every_suite_on_the_scenes_into_one_run(tiny_checkpoint, scenes_config, 
     assert m["eval/mmeb/scenes/overall"] == pytest.approx(
         (m["eval/mmeb/scenes/subset/SceneCaption_i2t"] + m["eval/mmeb/scenes/subset/SceneVQA"]) / 2)
     assert m["eval/generation/scenes/perplexity"] == pytest.approx(np.exp(m["eval/generation/scenes/caption_loss"]))
-    assert m["eval/pope/scenes/count"] == sum(m[f"eval/pope/scenes/{c}/count"] for c in ("random", "popular", "adversarial"))
+    assert m["eval/pope/scenes/count"] == sum(m[f"eval/pope/scenes/{c}/count"]
+                                              for c in ("random", "popular", "adversarial"))
 
     assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]  # no second run
     assert client.get_run(run_id).data.metrics == pytest.approx(m)
     assert {h.step for h in client.get_metric_history(run_id, "eval/pope/scenes/f1")} == {7}
     artifacts = {a.path for a in client.list_artifacts(run_id, "scorecards/trained")}
-    assert artifacts == {f"scorecards/trained/{f}" for f in ("scorecard.json", "scorecard.md", "modality_gap_scenes.png")}
+    assert artifacts == {f"scorecards/trained/{f}"
+                         for f in ("scorecard.json", "scorecard.md", "modality_gap_scenes.png")}
     report = json.loads((tmp_path / "local" / "scorecard.json").read_text())
     assert report["metrics"] == pytest.approx(reference.metrics)
     generation = next(s for s in report["suites"] if s["suite"] == "generation")

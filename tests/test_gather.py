@@ -62,7 +62,8 @@ def run_case(kind: str, with_lm: bool, rank: int, world_size: int) -> dict:
         "objective": terms.objective.detach(),
         "d_loss_features": [g.detach() for g in d_loss],
         "d_objective_features": [g.detach() for g in d_obj_feat],
-        "d_objective_params": {n: (torch.zeros_like(p) if g is None else g.detach()) for n, p, g in zip(names, params, d_obj)},
+        "d_objective_params": {n: (torch.zeros_like(p) if g is None else g.detach())
+                               for n, p, g in zip(names, params, d_obj)},
     }
 
 
@@ -76,7 +77,8 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         gathered = gather_features(local, rank, WORLD)
         assert torch.equal(gathered.detach(), make_inputs()["xq"])
         (g,) = torch.autograd.grad((gathered * torch.arange(1.0, ROWS + 1)[:, None]).sum(), local)
-        assert torch.equal(g, torch.arange(1.0, ROWS + 1)[rank * PER_RANK : (rank + 1) * PER_RANK, None].expand_as(local))
+        weights = torch.arange(1.0, ROWS + 1)[rank * PER_RANK : (rank + 1) * PER_RANK, None]
+        assert torch.equal(g, weights.expand_as(local))
         results = {name: run_case(**case, rank=rank, world_size=WORLD) for name, case in CASES.items()}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -121,7 +123,7 @@ def test_two_ranks_match_one_process(per_rank, case):
         averaged = torch.stack([r["d_objective_params"][name] for r in ranks]).mean(0)
         if CASES[case]["with_lm"] or not name.startswith("head."):
             assert want.abs().max() > 0, name  # a real gradient, not zeros against zeros
-        torch.testing.assert_close(averaged, want, **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(averaged, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_world_size_one_makes_no_collective_call(monkeypatch):

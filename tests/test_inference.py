@@ -29,7 +29,8 @@ def conversations(images):
     rng = random.Random(1)
     out = []
     for i, img in enumerate(images):
-        answer = " ".join(rng.choice(["red", "blue", "circle", "square", "left", "top"]) for _ in range(rng.randint(1, 9)))
+        answer = " ".join(rng.choice(["red", "blue", "circle", "square", "left", "top"])
+                          for _ in range(rng.randint(1, 9)))
         out.append(([{"role": "user", "content": "<image>\nDescribe the image" + " now" * i},
                      {"role": "assistant", "content": answer}], [img]))
     out.append(([{"role": "user", "content": "how many"}, {"role": "assistant", "content": "two"}], []))

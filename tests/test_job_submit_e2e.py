@@ -42,7 +42,8 @@ def services(tmp_path):
     mlflow_server = subprocess.Popen(["bash", "cluster/mlflow_server.sh"], cwd=REPO, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        subprocess.run(["bash", "cluster/start_head.sh"], cwd=REPO, env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run(["bash", "cluster/start_head.sh"], cwd=REPO, env=env, check=True, capture_output=True,
+                       timeout=180)
         tracking_uri = f"http://127.0.0.1:{env['MLFLOW_PORT']}"
         wait_http(tracking_uri + "/health")
         yield env, tracking_uri

@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cafe.attention import (CONVERSATION, QUERY, TRUNK, packed_attention_forward, plan_packed_attention,
-                            route_packed_attention)
+from cafe.attention import (
+    CONVERSATION,
+    QUERY,
+    TRUNK,
+    packed_attention_forward,
+    plan_packed_attention,
+    route_packed_attention,
+)
 from cafe.batch import Collator, Example
 from cafe.losses import CafeLoss
 from cafe.model import CafeModel, load_vlm
@@ -61,7 +67,8 @@ def collated_rows(multimodal: bool):
 
 SYNTHETIC = [
     [[(TRUNK, 5), (CONVERSATION, 4), (QUERY, 3)], [(TRUNK, 3)]],  # unit with two branches, then a target
-    [[(QUERY, 6)], [(CONVERSATION, 2), (QUERY, 2)], [(TRUNK, 1), (CONVERSATION, 1), (QUERY, 1)]],  # no trunk, 1-token spans
+    # no trunk, 1-token spans
+    [[(QUERY, 6)], [(CONVERSATION, 2), (QUERY, 2)], [(TRUNK, 1), (CONVERSATION, 1), (QUERY, 1)]],
 ]
 
 
@@ -79,7 +86,8 @@ def test_packed_attention_matches_dense_mask(tiny_checkpoint, source):
         unit, branch, position = batch.unit, batch.branch, batch.position_ids
     rows, length = unit.shape
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(rows, h, length, 8, generator=g, dtype=torch.float64).requires_grad_(True) for h in (4, 2, 2))
+    q, k, v = (torch.randn(rows, h, length, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+               for h in (4, 2, 2))
     scale = 0.3
 
     module = torch.nn.Module()
@@ -108,7 +116,8 @@ def test_packed_step_under_eager_and_recompute(tiny_checkpoint, variant):
         model = CafeModel(vlm, CafeLoss()).train()
         terms = model(Collator(processor)(examples))
         terms.objective.backward()
-        results.append((terms.objective.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        results.append((terms.objective.detach(),
+                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (a, grads_a), (b, grads_b) = results
     torch.testing.assert_close(a, b)
     assert grads_a.keys() == grads_b.keys()

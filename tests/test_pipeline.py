@@ -69,7 +69,8 @@ def build_planted(root: Path) -> dict:
     (root / "ov_images" / "ok.jpg").write_bytes(jpeg(color=(0, 200, 0)))
     shard0 = [
         ov_row("g1", fv(ASK, ANSWER), jpeg()),
-        ov_row("g2", fv(("human", "Describe it."), ("gpt", "A blue square.")), encode(Image.new("RGBA", (40, 30)), "PNG")),
+        ov_row("g2", fv(("human", "Describe it."), ("gpt", "A blue square.")),
+               encode(Image.new("RGBA", (40, 30)), "PNG")),
         ov_row("g3", fv(("human", "What is 2+2?"), ("gpt", "4"))),
         ov_row("g4", fv(("system", "Be brief."), ASK, ("gpt", "Red."), ("human", "Sure?"), ("gpt", "Yes.")), jpeg()),
         ov_row("g5", fv(ASK, ("gpt", "A green square.")), image_path="ok.jpg"),
@@ -117,10 +118,11 @@ def build_planted(root: Path) -> dict:
     )
     good = ["ov/g1", "ov/g2", "ov/g3", "ov/g4", "ov/g5", "ov/g6", "ov/g7", "lj/j1", "lj/j2", "lj/5"]
     bad = {
-        "ov/b_undecodable": "undecodable_image", "ov/b_truncated": "truncated_image", "ov/b_missing": "missing_image_file",
-        "ov/b_large": "image_too_large", "ov/b_noassist": "no_assistant_turn", "ov/b_empty": "empty_text",
-        "ov/b_long": "text_too_long", "ov/b_two_tokens": "image_token_mismatch", "ov/b_token_no_image": "image_token_mismatch",
-        "ov/b_no_conversations": "malformed_row", "ov/g1": "duplicate_id", "ov/g6": "duplicate_id", "ov/b_role": "malformed_row",
+        "ov/b_undecodable": "undecodable_image", "ov/b_truncated": "truncated_image",
+        "ov/b_missing": "missing_image_file", "ov/b_large": "image_too_large", "ov/b_noassist": "no_assistant_turn",
+        "ov/b_empty": "empty_text", "ov/b_long": "text_too_long", "ov/b_two_tokens": "image_token_mismatch",
+        "ov/b_token_no_image": "image_token_mismatch", "ov/b_no_conversations": "malformed_row",
+        "ov/g1": "duplicate_id", "ov/g6": "duplicate_id", "ov/b_role": "malformed_row",
         "lj/j3": "missing_image_file", "lj/j4": "malformed_row",
     }
     return {"good": good, "bad": bad, "anonymous_bad": 2, "rows": len(shard0) + len(shard1) + len(rows)}
@@ -206,7 +208,8 @@ def test_planted_rows_ray_job_nothing_lost_and_deterministic(ray_cluster, plante
     img2 = Image.open(io.BytesIO(g2["image"]))
     assert (img2.format, img2.mode, img2.size) == ("PNG", "RGB", (40, 30))
     assert rows["ov/g3"]["image"] is None and rows["ov/g3"]["width"] is None
-    assert [t["role"] for t in json.loads(rows["ov/g4"]["conversations"])] == ["system", "user", "assistant", "user", "assistant"]
+    assert [t["role"] for t in json.loads(rows["ov/g4"]["conversations"])] == \
+        ["system", "user", "assistant", "user", "assistant"]
     assert rows["ov/g4"]["pair_text"] == "Red."
     assert json.loads(rows["ov/g7"]["conversations"])[0]["content"] == "<image>\nName the colour."
     assert json.loads(rows["lj/5"]["conversations"])[0]["content"] == "<image>\nGrey?"
@@ -222,8 +225,10 @@ def test_planted_rows_ray_job_nothing_lost_and_deterministic(ray_cluster, plante
     local = run("local", tmp_path / "local", tmp_path / "local-q")
     assert_same_files(out, tmp_path / "local", parquet_files(out))
     assert_same_files(quarantine, tmp_path / "local-q", parquet_files(quarantine))
-    assert (out / "summary.json").read_text().replace(str(tmp_path / "train"), "X").replace(str(tmp_path / "quarantine"), "Y") == \
-        (tmp_path / "local" / "summary.json").read_text().replace(str(tmp_path / "local-q"), "Y").replace(str(tmp_path / "local"), "X")
+    ray_summary = (out / "summary.json").read_text()
+    local_summary = (tmp_path / "local" / "summary.json").read_text()
+    assert ray_summary.replace(str(tmp_path / "train"), "X").replace(str(tmp_path / "quarantine"), "Y") == \
+        local_summary.replace(str(tmp_path / "local-q"), "Y").replace(str(tmp_path / "local"), "X")
     assert local.written == summary.written
 
 
@@ -231,7 +236,8 @@ def test_multimodal_input_resize_and_sampling(tmp_path):
     rows = [ov_row(f"r{i}", fv(ASK, ("gpt", f"Caption {i}.")), jpeg(64, 32)) for i in range(60)]
     write_onevision_shard(rows, str(tmp_path / "in" / "mm" / "a.parquet"))
     (tmp_path / "d.yaml").write_text(
-        f"datasets:\n  - name: mm\n    path: {tmp_path / 'in' / 'mm'}\n    sampling_ratio: 0.5\n    multimodal_input: true\n"
+        f"datasets:\n  - name: mm\n    path: {tmp_path / 'in' / 'mm'}\n"
+        "    sampling_ratio: 0.5\n    multimodal_input: true\n"
     )
     options = IngestConfig(executor="local", max_side=16, rows_per_shard=16)
     first = run_pipeline(dataset_yaml=str(tmp_path / "d.yaml"), output_dir=str(tmp_path / "o1"), options=options)
@@ -241,7 +247,8 @@ def test_multimodal_input_resize_and_sampling(tmp_path):
     assert [r["id"] for r in kept] == [r["id"] for r in read_dir(tmp_path / "o2")] and second.read == first.read
     row = kept[0]
     n = int(row["id"].split("/r")[1])
-    assert (row["query_text"], row["target_text"], row["pair_text"]) == ("What is shown?", f"Caption {n}.", f"Caption {n}.")
+    assert (row["query_text"], row["target_text"], row["pair_text"]) == \
+        ("What is shown?", f"Caption {n}.", f"Caption {n}.")
     assert (row["width"], row["height"]) == (16, 8) == Image.open(io.BytesIO(row["image"])).size
 
 
@@ -264,7 +271,8 @@ def test_conversation_styles_normalise_alike():
     a = normalise_conversation(fv(("system", "S"), ("human", "Q"), ("gpt", "A")))
     b = normalise_conversation(rc(("system", "S"), ("user", "Q"), ("assistant", "A")))
     c = normalise_conversation(json.dumps(rc(("system", "S"), ("user", "Q"), ("assistant", "A"))))
-    assert a == b == c == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    assert a == b == c == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                           {"role": "assistant", "content": "A"}]
     with_image = check_conversation(a, has_image=True, max_text_chars=100)
     assert with_image[1]["content"] == "<image>\nQ" and a[1]["content"] == "Q"
     for turns, reason in [
@@ -283,7 +291,8 @@ def test_prepare_image_policy():
     png = prepare_image(encode(Image.new("P", (10, 20)), "GIF"), max_image_pixels=10**6)
     assert (png.format, Image.open(io.BytesIO(png.data)).mode) == ("PNG", "RGB")
     assert prepare_image(jpeg(), max_image_pixels=10**6).data == prepare_image(jpeg(), max_image_pixels=10**6).data
-    for data, reason in [(b"", "undecodable_image"), (noisy_jpeg()[:1500], "truncated_image"), (jpeg(200, 200), "image_too_large")]:
+    for data, reason in [(b"", "undecodable_image"), (noisy_jpeg()[:1500], "truncated_image"),
+                         (jpeg(200, 200), "image_too_large")]:
         with pytest.raises(Rejected) as err:
             prepare_image(data, max_image_pixels=10_000)
         assert err.value.reason == reason
@@ -310,7 +319,8 @@ def test_dataset_yaml_errors_name_subset_and_problem(tmp_path, entry, message):
 def test_missing_path_and_bad_top_level_are_clear(tmp_path):
     (tmp_path / "d.yaml").write_text(f"datasets:\n  - name: gone\n    path: {tmp_path / 'nowhere'}/\n")
     with pytest.raises(DatasetYamlError, match=r"subset 'gone': path .*nowhere' does not exist"):
-        run_pipeline(dataset_yaml=str(tmp_path / "d.yaml"), output_dir=str(tmp_path / "o"), options=IngestConfig(executor="local"))
+        run_pipeline(dataset_yaml=str(tmp_path / "d.yaml"), output_dir=str(tmp_path / "o"),
+                     options=IngestConfig(executor="local"))
     assert not (tmp_path / "o").exists()
     (tmp_path / "e.yaml").write_text("subsets: []\n")
     with pytest.raises(DatasetYamlError, match="'datasets' list"):
@@ -319,11 +329,13 @@ def test_missing_path_and_bad_top_level_are_clear(tmp_path):
 
 def test_no_yaml_every_folder_is_a_subset(tmp_path):
     for folder in ("b_set", "a_set"):
-        write_onevision_shard([ov_row("1", fv(ASK, ANSWER), jpeg())], str(tmp_path / "raw" / "onevision" / folder / "x.parquet"))
+        write_onevision_shard([ov_row("1", fv(ASK, ANSWER), jpeg())],
+                              str(tmp_path / "raw" / "onevision" / folder / "x.parquet"))
     (tmp_path / "raw" / "eval").mkdir()
     pq.write_table(pa.table({"image": [b"x"], "caption": [["a caption"]]}), tmp_path / "raw" / "eval" / "test.parquet")
     assert [s.name for s in discover_subsets(str(tmp_path / "raw"))] == ["a_set", "b_set"]
-    summary = run_pipeline(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "o"), options=IngestConfig(executor="local"))
+    summary = run_pipeline(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "o"),
+                           options=IngestConfig(executor="local"))
     assert [r["id"] for r in read_dir(tmp_path / "o")] == ["a_set/1", "b_set/1"] and summary.written == 2
 
 
@@ -339,7 +351,8 @@ def test_example_dataset_yamls_parse(tmp_path):
 
 
 def test_failed_run_leaves_previous_output(tmp_path, monkeypatch):
-    write_onevision_shard([ov_row(str(i), fv(ASK, ANSWER), jpeg()) for i in range(6)], str(tmp_path / "in" / "s" / "a.parquet"))
+    write_onevision_shard([ov_row(str(i), fv(ASK, ANSWER), jpeg()) for i in range(6)],
+                          str(tmp_path / "in" / "s" / "a.parquet"))
     options = IngestConfig(executor="local", rows_per_shard=2)
     run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"), options=options)
     before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
@@ -358,7 +371,8 @@ def test_failed_run_leaves_previous_output(tmp_path, monkeypatch):
 
 
 def test_unreadable_chunk_is_quarantined_by_position(tmp_path, monkeypatch):
-    write_onevision_shard([ov_row(str(i), fv(ASK, ANSWER), jpeg()) for i in range(5)], str(tmp_path / "in" / "s" / "a.parquet"))
+    write_onevision_shard([ov_row(str(i), fv(ASK, ANSWER), jpeg()) for i in range(5)],
+                          str(tmp_path / "in" / "s" / "a.parquet"))
     real_load = units._load_rows
     def load_rows(unit, storage):
         if unit.row_start:  # every chunk but the first
@@ -377,7 +391,8 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("keep me")
     with pytest.raises(PipelineError, match="refusing to replace"):
-        run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "home"), options=IngestConfig(executor="local"))
+        run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "home"),
+                     options=IngestConfig(executor="local"))
     assert (tmp_path / "home" / "notes.txt").read_text() == "keep me"
 
 
@@ -389,8 +404,10 @@ def test_summary_logged_to_active_mlflow_run(tmp_path, monkeypatch):
         log_dict=lambda d, name: logged.setdefault("artifact", (name, d)),
     )
     monkeypatch.setitem(__import__("sys").modules, "mlflow", fake)
-    write_onevision_shard([ov_row("1", fv(ASK, ANSWER), jpeg()), ov_row("2", fv(ASK), jpeg())], str(tmp_path / "in" / "s" / "a.parquet"))
-    summary = run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"), options=IngestConfig(executor="local"))
+    write_onevision_shard([ov_row("1", fv(ASK, ANSWER), jpeg()), ov_row("2", fv(ASK), jpeg())],
+                          str(tmp_path / "in" / "s" / "a.parquet"))
+    summary = run_pipeline(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o"),
+                           options=IngestConfig(executor="local"))
     metrics = logged["metrics"]
     assert (metrics["data/read"], metrics["data/written"], metrics["data/quarantined"]) == (2, 1, 1)
     assert metrics["data/quarantined/no_assistant_turn"] == 1 and metrics["data/quarantined/duplicate_id"] == 0

@@ -135,7 +135,8 @@ def test_expand_image_tokens_rejects_a_count_mismatch(processor):
     tok = processor.tokenizer
     one_placeholder = encode_embedding_prompt(tok, None, [0])
     with pytest.raises(ValueError, match="1 image placeholders but 2 images"):
-        expand_image_tokens(Sequence(one_placeholder.ids, one_placeholder.labels, [0, 1]), processor.image_token_id, [4, 4])
+        expand_image_tokens(Sequence(one_placeholder.ids, one_placeholder.labels, [0, 1]), processor.image_token_id,
+                            [4, 4])
     two_placeholders = encode_embedding_prompt(tok, None, [0, 1])
     with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
         expand_image_tokens(Sequence(two_placeholders.ids, two_placeholders.labels, [0]), processor.image_token_id, [4])

@@ -55,7 +55,8 @@ def test_ties_count_against_the_query():
 def _sorted_ranks(image_emb, text_emb, text_to_image):
     """Plain reference: position of the first positive in the sorted score list."""
     sim = image_emb @ text_emb.T
-    i2t = [next(p for p, t in enumerate(sim[i].argsort(descending=True)) if text_to_image[t] == i) for i in range(len(sim))]
+    i2t = [next(p for p, t in enumerate(sim[i].argsort(descending=True)) if text_to_image[t] == i)
+           for i in range(len(sim))]
     t2i = [(sim[:, t].argsort(descending=True) == text_to_image[t]).nonzero().item() for t in range(sim.shape[1])]
     return i2t, t2i
 

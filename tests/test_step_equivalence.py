@@ -76,7 +76,8 @@ def test_packed_step_in_bfloat16(tiny_checkpoint):
         fast = model(batch.to("cpu", dtype))
         fast.objective.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        ref = three_pass_step(model, {k: v.to("cpu", dtype) for k, v in three_pass_inputs(processor, examples, batch).items()})
+        ref = three_pass_step(model, {k: v.to("cpu", dtype)
+                                      for k, v in three_pass_inputs(processor, examples, batch).items()})
         losses[dtype] = (fast, ref)
     for fast, ref in losses.values():
         assert fast.lm_loss.dtype == fast.con_loss.dtype == torch.float32

@@ -35,7 +35,8 @@ def sweep_command(root: Path, *extra: str) -> list[str]:
 
 
 def children(client: MlflowClient, parent):
-    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    query = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    return client.search_runs([parent.info.experiment_id], filter_string=query)
 
 
 def parent_run(client: MlflowClient):
@@ -47,8 +48,9 @@ def test_sweep_children_asha_and_resume(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ""}
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     # first launch: interrupted once two trials have finished
-    proc = subprocess.Popen(sweep_command(tmp_path), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = open(tmp_path / "first-launch.log", "w")  # a file, not a pipe: nobody reads a pipe until the end
+    proc = subprocess.Popen(sweep_command(tmp_path), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     deadline = time.time() + 900
     finished = []
     while time.time() < deadline and proc.poll() is None:
@@ -59,9 +61,10 @@ def test_sweep_children_asha_and_resume(tmp_path):
             continue
         if len(finished) >= 2:
             break
-    assert len(finished) >= 2, proc.stdout.read()[-4000:] if proc.poll() is not None else "timed out"
+    assert len(finished) >= 2, (tmp_path / "first-launch.log").read_text()[-4000:]
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and exits
     proc.wait(timeout=300)
+    log.close()
     first = {r.data.tags["cafe.run_key"]: r for r in finished}
 
     done = subprocess.run(sweep_command(tmp_path, "--resume"), cwd=REPO, env=env, capture_output=True, text=True,

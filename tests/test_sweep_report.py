@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuning.report import (SweepSummary, Trial, best_trial, pareto_front, plot_heatmap, plot_pareto,
-                           write_best_config, write_html, write_sweep_report, write_table)
+from tuning.report import (
+    SweepSummary,
+    Trial,
+    best_trial,
+    pareto_front,
+    plot_heatmap,
+    plot_pareto,
+    write_best_config,
+    write_html,
+    write_sweep_report,
+    write_table,
+)
 
 R1, CAPTION = "eval/retrieval/scenes/i2t_r1", "eval/generation/scenes/caption_loss"
 SWEPT = ["loss.con_weight", "loss.temperature"]

@@ -49,7 +49,8 @@ def test_processor_expands_image_to_vision_tower_token_count(loaded, size):
     prompt = processor.apply_chat_template(embedding_messages(None, 1), tokenize=False, add_generation_prompt=True)
     inputs = processor(text=prompt, images=[image], return_tensors="pt")
     with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                  image_sizes=inputs["image_sizes"])
     features = features.pooler_output if hasattr(features, "pooler_output") else features
     placeholders = int((inputs["input_ids"] == processor.image_token_id).sum())
     assert placeholders == features[0].shape[0] >= TinySpec().image_size // TinySpec().patch_size

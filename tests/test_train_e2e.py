@@ -6,7 +6,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from cafe.config import load_config, to_flat_dict
+from cafe.config import load_config
 from cluster import jobs
 from evaluation.run import evaluate_checkpoint
 from trainers.run import build_trainer
@@ -24,7 +24,8 @@ def prepared(tmp_path_factory):
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", "train.batch_size=4", "train.max_steps=3",
     ]
     cfg = load_config("configs/demo.yaml", overrides)
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1")
     jobs.prepare_scenes(cfg)
     jobs.ensure_checkpoint(cfg)
     summary = jobs.run_data(cfg)
@@ -33,12 +34,14 @@ def prepared(tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.mark.parametrize("stage, compiled", [(2, False), (3, False), (2, True)], ids=["zero2", "zero3", "zero2-compiled"])
+@pytest.mark.parametrize("stage, compiled", [(2, False), (3, False), (2, True)],
+                         ids=["zero2", "zero3", "zero2-compiled"])
 def test_deepspeed_run_logs_to_mlflow_and_exports_hf(prepared, stage, compiled):
     root, overrides = prepared
     name = f"zero{stage}{'-compiled' if compiled else ''}"
     cfg = load_config("configs/demo.yaml", overrides + [f"train.zero_stage={stage}", f"model.compile_blocks={compiled}",
-                                                        f"name={name}", f"output_dir={root}/{name}", "eval.every_steps=2"])
+                                                        f"name={name}", f"output_dir={root}/{name}",
+                                                        "eval.every_steps=2"])
     run_id = jobs.open_run(cfg)
     model_dir, steps = jobs.train(cfg, run_id)
     assert steps == 3

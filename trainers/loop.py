@@ -18,9 +18,9 @@ import torch.distributed as dist
 from cafe.batch import Collator
 from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
+from cafe.inference import InferenceModel
 from cafe.losses import CafeLoss, ContrastiveLoss
 from cafe.model import CafeModel, load_vlm
-from cafe.inference import InferenceModel
 from cafe.records import example_from_row
 from evaluation.backends import training_workers
 from evaluation.run import RunRef, log_scorecard
@@ -50,8 +50,10 @@ def build_model(cfg: ExperimentConfig, dtype: torch.dtype) -> tuple[CafeModel, o
     if cfg.model.compile_blocks:
         compile_blocks(vlm)
     loss = cfg.loss
-    contrastive = ContrastiveLoss(kind=loss.contrastive, temperature=loss.temperature, learnable=loss.learnable_temperature)
-    cafe_loss = CafeLoss(compute_language_loss=loss.compute_language_loss, compute_contrastive_loss=loss.compute_contrastive_loss,
+    contrastive = ContrastiveLoss(kind=loss.contrastive, temperature=loss.temperature,
+                                  learnable=loss.learnable_temperature)
+    cafe_loss = CafeLoss(compute_language_loss=loss.compute_language_loss,
+                         compute_contrastive_loss=loss.compute_contrastive_loss,
                          alpha_lm=loss.alpha_lm, con_weight=loss.con_weight, contrastive=contrastive)
     return CafeModel(vlm, cafe_loss, emb_type=loss.emb_type), processor
 
@@ -109,7 +111,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step = json.loads((Path(ckpt) / STATE_FILE).read_text())["step"]
 
     collator = Collator(processor, compute_language_loss=cfg.loss.compute_language_loss,
-                        compute_contrastive_loss=cfg.loss.compute_contrastive_loss, max_text_tokens=cfg.data.max_text_tokens)
+                        compute_contrastive_loss=cfg.loss.compute_contrastive_loss,
+                        max_text_tokens=cfg.data.max_text_tokens)
     shard = ray.train.get_dataset_shard("train")
     tracking_uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
     last_metrics: dict[str, float] = {}

@@ -82,7 +82,8 @@ def join(base: str, *parts: str) -> str:
 
 def trial_config(base: ExperimentConfig, values: dict, trial_id: str, name: str) -> ExperimentConfig:
     cfg = with_values(base, values)
-    return dataclasses.replace(cfg, name=f"{name}-{trial_id}", output_dir=join(base.output_dir, "sweeps", name, trial_id),
+    return dataclasses.replace(cfg, name=f"{name}-{trial_id}",
+                               output_dir=join(base.output_dir, "sweeps", name, trial_id),
                                tracking=dataclasses.replace(cfg.tracking, run_name=f"{name} {trial_id}"))
 
 
@@ -175,7 +176,8 @@ def summarise(cfg: ExperimentConfig, name: str, dims: list[Dimension], grid) -> 
             finish_run(cfg.tracking.tracking_uri, run.info.run_id, status="KILLED")
         objective = metrics.get(OBJECTIVE)
         trials.append(Trial(trial_id=trial_id, status=status, params={d.key: result.config.get(d.key) for d in dims},
-                            metrics=metrics, objective=None if objective is None or math.isnan(objective) else objective,
+                            metrics=metrics,
+                            objective=None if objective is None or math.isnan(objective) else objective,
                             run_id=run.info.run_id if run else None, iterations=max(steps, total)))
     return SweepSummary(name=name, objective_name=OBJECTIVE, mode=cfg.tune.mode, trials=trials,
                         swept=[d.key for d in dims])
@@ -186,7 +188,8 @@ def _write_report(cfg: ExperimentConfig, summary: SweepSummary, parent: str) -> 
     caption = next((k for k in cfg.tune.objective if k.endswith("caption_loss")), "eval/generation/scenes/caption_loss")
     out = Path(join(cfg.output_dir, "sweeps", summary.name, "report")) if "://" not in cfg.output_dir else \
         Path(tempfile.mkdtemp(prefix="sweep-report-"))
-    files = write_sweep_report(summary, dataclasses.asdict(cfg), out, retrieval_metric=retrieval, caption_metric=caption)
+    files = write_sweep_report(summary, dataclasses.asdict(cfg), out, retrieval_metric=retrieval,
+                               caption_metric=caption)
     client = MlflowClient(cfg.tracking.tracking_uri)
     for path in files:
         client.log_artifact(parent, str(path), artifact_path="sweep")
