@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import ray
+from ray._private.utils import write_ray_address
 
 from cafe.config import ExperimentConfig
 
@@ -27,3 +28,7 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True,
              dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}})
+    # Ray's own helpers that look the cluster up by address (Train's placement-group cleaner,
+    # which frees a finished trial's CPUs for the next) read the "latest cluster" file, which
+    # only `ray start` writes: left alone it names a stale or foreign head.
+    write_ray_address(ray.get_runtime_context().gcs_address)
