@@ -129,13 +129,13 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
                              storage_path=join(storage, name, "train")),
         {"cpu": TRIAL_CPU})
     path = f"{storage}/{name}"
+    max_steps = planned_steps(ray.data.read_parquet(cfg.data.train_dir).count(), cfg)
     try:
         if resume:
             if not tune.Tuner.can_restore(path):
                 raise ConfigError(f"--resume: no sweep to resume at {path}")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
-            max_steps = planned_steps(ray.data.read_parquet(cfg.data.train_dir).count(), cfg)
             tuner = tune.Tuner(
                 trainable,
                 param_space={d.key: d.to_tune() for d in dims},
@@ -145,7 +145,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
                 run_config=tune.RunConfig(name=name, storage_path=storage),
             )
         grid = tuner.fit()
-        summary = summarise(cfg, name, dims, grid)
+        summary = summarise(cfg, name, dims, grid, max_steps)
         files = _write_report(cfg, summary, parent)
     except BaseException:
         finish_run(tracking_uri, parent, status="FAILED")
@@ -154,10 +154,11 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
     return SweepResult(name, parent, summary, files)
 
 
-def summarise(cfg: ExperimentConfig, name: str, dims: list[Dimension], grid) -> SweepSummary:
-    """Trials from Tune (config, status) and from their MLflow child runs (every metric's last
-    value); a trial that stopped before its last step was stopped early by the scheduler, and
-    its child run is ended KILLED with that reason as a tag."""
+def summarise(cfg: ExperimentConfig, name: str, dims: list[Dimension], grid, max_steps: int) -> SweepSummary:
+    """Trials from Tune (config, last reported step, status) and from their MLflow child runs
+    (every metric's last value). A trial whose last report to Tune came before `max_steps` was
+    stopped early by the scheduler: its child run ends KILLED with that reason as a tag. One
+    that reached it is complete, even when Tune stopped it before its function returned."""
     client = MlflowClient(cfg.tracking.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     children = {r.data.tags.get(RUN_KEY_TAG): r for r in client.search_runs(
@@ -167,18 +168,18 @@ def summarise(cfg: ExperimentConfig, name: str, dims: list[Dimension], grid) -> 
         trial_id = TRIAL_DIR.search(Path(result.path).name).group(1)
         run = children.get(f"{name}-{trial_id}")
         metrics = dict(run.data.metrics) if run else {}
-        steps = max((m.step for m in client.get_metric_history(run.info.run_id, "train/loss")), default=0) if run else 0
-        total = int(result.metrics.get("step", steps)) if result.metrics else steps
-        status = "ERROR" if result.error else "TERMINATED"
-        if not result.error and run and run.info.status == "RUNNING":
-            status = "STOPPED_EARLY"
+        total = int(result.metrics.get("step", 0)) if result.metrics else 0  # what Tune saw last
+        status = "ERROR" if result.error else "TERMINATED" if total >= max_steps else "STOPPED_EARLY"
+        if status == "STOPPED_EARLY" and run:
             client.set_tag(run.info.run_id, "cafe.trial_status", "stopped early by the scheduler")
             finish_run(cfg.tracking.tracking_uri, run.info.run_id, status="KILLED")
+        elif status == "TERMINATED" and run and run.info.status == "RUNNING":
+            finish_run(cfg.tracking.tracking_uri, run.info.run_id)
         objective = metrics.get(OBJECTIVE)
         trials.append(Trial(trial_id=trial_id, status=status, params={d.key: result.config.get(d.key) for d in dims},
                             metrics=metrics,
                             objective=None if objective is None or math.isnan(objective) else objective,
-                            run_id=run.info.run_id if run else None, iterations=max(steps, total)))
+                            run_id=run.info.run_id if run else None, iterations=total))
     return SweepSummary(name=name, objective_name=OBJECTIVE, mode=cfg.tune.mode, trials=trials,
                         swept=[d.key for d in dims])
 
