@@ -17,10 +17,36 @@ class ConfigError(ValueError):
     """A config key or value that does not fit the dataclasses below."""
 
 
+@dataclass(kw_only=True, slots=True)
+class TinySpec:
+    """Sizes of the offline tiny LLaVA-OneVision (cafe.tiny); the defaults build in about a
+    second on one core and learn the embedded scenes in minutes on two."""
+
+    vocab_size: int = 512  # tokenizer vocabulary trained on the corpus
+    model_vocab_size: int = 0  # embedding rows, 0: the tokenizer's (a real size makes logits cost real)
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_intermediate: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 96
+    text_intermediate: int = 192
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    crops_wide: int = 1  # anyres grid: one base view plus up to this many crops side by side
+    seed: int = 0
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     checkpoint: str = "runs/demo/base-model"  # any LLaVA-OneVision HF directory
     build_tiny_if_missing: bool = True  # build the offline tiny checkpoint at `checkpoint`
+    tiny: TinySpec = field(default_factory=TinySpec)  # its sizes
+    # when `checkpoint` is missing: the config of the LM-only stage that trains it (`cafe pretrain`),
+    # so CAFe fine-tunes a model that already generates; empty: no such stage
+    pretrain_config: str = ""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
     compile_blocks: bool = False  # torch.compile each transformer block (cafe.compile); ZeRO 0-2 only
@@ -161,6 +187,9 @@ class SweepConfig:
     name: str = ""  # the sweep's Tune run and MLflow parent run; empty: "<name>-sweep"
     # dotted config key -> grid(a, b, ...) | choice(a, b, ...) | uniform(lo, hi) | loguniform(lo, hi)
     search_space: dict[str, str] = field(default_factory=dict)
+    # named variants, each a set of config values (e.g. lm_only: {loss.compute_contrastive_loss: false});
+    # each trial runs one arm, crossed with search_space: the paper's ablation in one sweep
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_samples: int = 1  # samples of the random distributions (each grid point runs this many times)
     max_concurrent_trials: int = 0  # 0: as many as the cluster fits (each trial holds train.num_workers workers)
     # the scalar to optimise: a weighted sum of reported metrics (retrieval gain, caption-loss penalty, ...)
@@ -208,6 +237,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {_coerce(k, key_type, f"{key} key"): _coerce(v, value_type, f"{key}[{k!r}]") for k, v in value.items()}
+    if hint is Any:  # a value checked where it is used (a sweep arm's config values)
+        return value
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: unions are not supported in configs")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -239,7 +270,7 @@ def _apply_override(raw: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(text)
+    node[leaf] = yaml.safe_load(text) if text.strip() else ""  # `key=` clears a text setting
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -281,8 +312,8 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
     return _build(ExperimentConfig, raw)
 
 
-PATH_FIELDS = ("output_dir", "model.checkpoint", "data.raw_dir", "data.dataset_yaml", "data.train_dir",
-               "data.quarantine_dir", "data.eval_dir")
+PATH_FIELDS = ("output_dir", "model.checkpoint", "model.pretrain_config", "data.raw_dir", "data.dataset_yaml",
+               "data.train_dir", "data.quarantine_dir", "data.eval_dir")
 
 
 def with_absolute_paths(config: ExperimentConfig, base: str | Path | None = None) -> ExperimentConfig:

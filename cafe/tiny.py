@@ -8,7 +8,6 @@ every code path that takes a checkpoint directory works on it exactly as on a re
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from cafe.config import TinySpec
 from cafe.prompts import (
     CHAT_TEMPLATE,
     IMAGE_EMBED_INSTRUCTION,
@@ -34,27 +34,6 @@ from cafe.prompts import (
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, VIDEO_TOKEN]
-
-
-@dataclass(kw_only=True, slots=True)
-class TinySpec:
-    """Model sizes; the defaults are the tiny model (builds in about a second on one core)."""
-
-    vocab_size: int = 512  # tokenizer vocabulary trained on the corpus
-    model_vocab_size: int = 0  # embedding rows, 0: the tokenizer's (a real size makes logits cost real)
-    image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_intermediate: int = 128
-    vision_layers: int = 2
-    vision_heads: int = 2
-    text_hidden: int = 96
-    text_intermediate: int = 192
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    crops_wide: int = 1  # anyres grid: one base view plus up to this many crops side by side
-    seed: int = 0
 
 
 PRESETS = {

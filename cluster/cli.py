@@ -1,4 +1,5 @@
-"""`cafe` command line: `cafe demo`, `cafe data`, `cafe train`, `cafe eval`, `cafe tiny`, `cafe scenes`.
+"""`cafe` command line: `cafe demo`, `cafe data`, `cafe pretrain`, `cafe train`, `cafe sweep`, `cafe eval`,
+`cafe tiny`, `cafe scenes`.
 
 Every subcommand takes `--config FILE` and any number of `--set section.key=value`."""
 from __future__ import annotations
@@ -15,6 +16,7 @@ COMMANDS = {
     "scenes": "draw the embedded scenes data set into data.raw_dir",
     "tiny": "build the tiny offline checkpoint at model.checkpoint",
     "data": "convert OneVision-layout input into training Parquet (+ quarantine)",
+    "pretrain": "train model.checkpoint with the LM-only stage of model.pretrain_config, when it is missing",
     "train": "train with Ray TorchTrainer + DeepSpeed; logs to MLflow",
     "sweep": "Ray Tune sweep over tune.search_space; one MLflow child run per trial under a parent run",
     "eval": "score --checkpoint (default: output_dir/model) on eval.suites: retrieval, MMEB, POPE, generation",
@@ -79,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"cafe sweep: {err}", file=sys.stderr)
             return 2
+    if args.command == "pretrain" and not cfg.model.pretrain_config:
+        print("cafe pretrain: model.pretrain_config is empty; set it to a stage config such as configs/base.yaml",
+              file=sys.stderr)
+        return 2
     init_ray(cfg, args.address)
-    if args.command == "demo":
+    if args.command == "pretrain":
+        print(jobs.pretrain(cfg))
+    elif args.command == "demo":
         result = jobs.demo(cfg)
         print_demo(result)
     elif args.command == "data":
@@ -96,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_demo(result: dict) -> None:
-    print("\nCAFe demo finished")
-    print(f"  data: {result['data']}")
-    print(f"  scorecard, untrained -> trained after {result['steps']} steps:\n")
+    print(f"\nCAFe demo finished: the base, then the base fine-tuned with CAFe for {result['steps']} steps\n")
     print(result["comparison"])
-    print(f"\n  trained model : {result['model']}")
-    print(f"  reports       : {result['reports']['untrained']}, {result['reports']['trained']}")
+    print(f"\nGreedy captions of held-out scenes:\n\n{result['captions']}\n")
+    print(f"  base model    : {result['base']}")
+    print(f"  CAFe model    : {result['model']}")
+    print(f"  training data : {result['train_dir']}")
+    print(f"  reports       : {result['reports']['base']}, {result['reports']['cafe']}")
     print(f"  MLflow        : {result['tracking_uri']} (run {result['run_id']}); "
           f"view with: mlflow ui --backend-store-uri {result['tracking_uri']} --host 127.0.0.1")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,10 +12,10 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from cafe.config import ExperimentConfig, to_flat_dict, to_yaml
+from cafe.config import ExperimentConfig, load_config, to_flat_dict, to_yaml, with_absolute_paths
 from cafe.tiny import build_tiny_checkpoint
 from evaluation.run import RunRef, evaluate_checkpoint
-from evaluation.scorecard import comparison_markdown
+from evaluation.scorecard import Scorecard, comparison_markdown
 from evaluation.suites import SuiteTask, prepare_tasks
 from pipelines.ingest import run_from_config
 from pipelines.scenes import scene_corpus, write_scene_dataset
@@ -30,13 +31,41 @@ def prepare_scenes(cfg: ExperimentConfig) -> dict:
 
 
 def ensure_checkpoint(cfg: ExperimentConfig) -> Path:
+    """`model.checkpoint`, made when missing: by the pretraining stage where one is configured,
+    else as the random-init tiny model."""
     path = Path(cfg.model.checkpoint)
     if (path / "config.json").is_file():
         return path
+    if cfg.model.pretrain_config:
+        return pretrain(cfg)
     if not cfg.model.build_tiny_if_missing:
         raise FileNotFoundError(f"model.checkpoint={path} has no config.json; point it at a LLaVA-OneVision "
                                 "directory or set model.build_tiny_if_missing=true")
-    return build_tiny_checkpoint(path, scene_corpus(seed=cfg.data.scenes.seed))
+    return build_tiny_checkpoint(path, scene_corpus(seed=cfg.data.scenes.seed), cfg.model.tiny)
+
+
+def pretrain_stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    return with_absolute_paths(load_config(cfg.model.pretrain_config, []))
+
+
+def pretrain(cfg: ExperimentConfig) -> Path:
+    """The LM-only stage of `model.pretrain_config` (its own data, init and MLflow run), cached:
+    its trained model is copied to `model.checkpoint`, which later runs find and reuse."""
+    target = Path(cfg.model.checkpoint)
+    if (target / "config.json").is_file():
+        return target
+    stage = pretrain_stage_config(cfg)
+    print(f"[cafe] pretraining the base ({stage.name}: {cfg.model.pretrain_config}) into {target}", flush=True)
+    ensure_checkpoint(stage)
+    with tracked_run(stage) as run_id:
+        ensure_training_data(stage, run_id)
+        model_dir, _ = train(stage, run_id)
+    if model_dir.resolve() != target.resolve():
+        partial = target.with_name(target.name + ".partial")  # a crash mid-copy leaves no half checkpoint behind
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(model_dir, partial)
+        partial.rename(target)
+    return target
 
 
 def open_run(cfg: ExperimentConfig) -> str:
@@ -56,14 +85,15 @@ def tracked_run(cfg: ExperimentConfig) -> Iterator[str]:
     finish_run(cfg.tracking.tracking_uri, run_id)
 
 
-def ensure_training_data(cfg: ExperimentConfig) -> None:
-    """Training Parquet for a run or sweep; the embedded scenes are drawn and converted when
-    `data.train_dir` has none and `data.raw_dir` has no input either."""
+def ensure_training_data(cfg: ExperimentConfig, run_id: str | None = None) -> None:
+    """Training Parquet for a run or sweep, made once: the embedded scenes (training input and
+    evaluation files) are drawn when `data.train_dir` has no Parquet and `data.raw_dir` has no
+    input either, then converted."""
     if any(Path(cfg.data.train_dir).glob("**/*.parquet")) or "://" in cfg.data.train_dir:
         return
     if not any(Path(cfg.data.raw_dir).glob("**/*.parquet")):
         prepare_scenes(cfg)
-    run_data(cfg)
+    run_data(cfg, run_id)
 
 
 def sweep(cfg: ExperimentConfig, *, resume: bool = False):
@@ -72,8 +102,6 @@ def sweep(cfg: ExperimentConfig, *, resume: bool = False):
 
     ensure_checkpoint(cfg)
     ensure_training_data(cfg)
-    if not Path(cfg.data.eval_dir).exists():
-        prepare_scenes(cfg)
     return run_sweep(cfg, resume=resume)
 
 
@@ -96,48 +124,60 @@ def run_eval(cfg: ExperimentConfig, checkpoint: Path, *, tasks: list[SuiteTask] 
     """Score a checkpoint on `tasks` (default: every configured suite); with no `run_id`, in an
     new MLflow run of its own (each evaluation is its own record; nothing resumes it)."""
     if run_id is not None:
-        return _score(cfg, checkpoint, tasks, step, label, run_id)
+        return _score(cfg, checkpoint, tasks, step, label, run_id).metrics
     eval_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-eval-{checkpoint.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tracking=dataclasses.replace(cfg.tracking, run_name=f"eval {checkpoint.name}"))
     with tracked_run(eval_cfg) as own_run:
-        return _score(cfg, checkpoint, tasks, step, label, own_run)
+        return _score(cfg, checkpoint, tasks, step, label, own_run).metrics
 
 
 def _score(cfg: ExperimentConfig, checkpoint: Path, tasks: list[SuiteTask] | None, step: int, label: str,
-           run_id: str) -> dict[str, float]:
-    card = evaluate_checkpoint(cfg, checkpoint, tasks=tasks, tracking=RunRef(cfg.tracking.tracking_uri, run_id),
+           run_id: str) -> Scorecard:
+    return evaluate_checkpoint(cfg, checkpoint, tasks=tasks, tracking=RunRef(cfg.tracking.tracking_uri, run_id),
                                step=step, label=label)
-    return card.metrics
 
 
 def demo(cfg: ExperimentConfig) -> dict:
-    """Scenes -> training Parquet -> CAFe training on Ray + DeepSpeed -> the scorecard, all in
-    one MLflow run; the untrained checkpoint is scored first as the baseline (step 0), the
-    trained one at its last training step."""
+    """The CAFe question on the embedded default: the base (pretrained LM-only on first use,
+    then cached) is scored, fine-tuned with CAFe on Ray + DeepSpeed and scored again, in one
+    MLflow run; the two scorecards and a few greedy captions are set side by side."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    prepare_scenes(cfg)
     base = ensure_checkpoint(cfg)
+    ensure_training_data(cfg)
     tasks = prepare_tasks(cfg.eval, cfg.data.eval_dir)
     with tracked_run(cfg) as run_id:
-        summary = run_data(cfg, run_id)
-        before = run_eval(cfg, base, tasks=tasks, step=0, label="untrained", run_id=run_id)
+        before = _score(cfg, base, tasks, 0, "base", run_id)
         model_dir, steps = train(cfg, run_id)
-        after = run_eval(cfg, model_dir, tasks=tasks, step=steps, label="trained", run_id=run_id)
-        comparison = comparison_markdown({"untrained": before, "trained": after})
-        (out / "comparison.md").write_text(comparison + "\n")
+        after = _score(cfg, model_dir, tasks, steps, "cafe", run_id)
+        comparison = comparison_markdown({"base": before.metrics, "CAFe": after.metrics})
+        captions = caption_comparison(before, after, limit=3)
+        (out / "comparison.md").write_text(f"{comparison}\n\n{captions}\n")
         MlflowClient(cfg.tracking.tracking_uri).log_artifact(run_id, str(out / "comparison.md"), "scorecards")
     result = {
         "run_id": run_id,
         "tracking_uri": cfg.tracking.tracking_uri,
+        "base": str(base),
         "model": str(model_dir),
         "steps": steps,
-        "reports": {"untrained": str(out / "untrained"), "trained": str(out / "trained")},
-        "data": {"read": summary.read, "written": summary.written, "quarantined": summary.quarantined},
-        "untrained": before,
-        "trained": after,
+        "train_dir": cfg.data.train_dir,
+        "reports": {"base": str(out / "base"), "cafe": str(out / "cafe")},
+        "base_metrics": before.metrics,
+        "cafe_metrics": after.metrics,
         "comparison": comparison,
+        "captions": captions,
     }
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def caption_comparison(before: Scorecard, after: Scorecard, *, limit: int) -> str:
+    """Greedy captions of the first held-out scenes by both models, beside the truth."""
+    def samples(card: Scorecard) -> list[dict]:
+        return next((r.samples for t, r in card.results if t.suite == "generation"), [])
+
+    lines = ["| scene | truth | base | CAFe |", "|---|---|---|---|"]
+    for b, a in list(zip(samples(before), samples(after)))[:limit]:
+        lines.append(f"| {b['id']} | {b['truth']} | {b['greedy']} | {a['greedy']} |")
+    return "\n".join(lines)

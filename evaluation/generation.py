@@ -4,7 +4,9 @@
 Each (user, assistant) exchange is scored as a single-turn conversation with the row's image:
 an answer of at most `qa_max_words` words is a QA answer, generated greedily and compared by
 exact match after normalisation; a longer one is a caption, whose assistant tokens give the
-caption loss (NLL per token) and perplexity. Multi-turn context is not carried over, so every
+caption loss (NLL per token) and perplexity. Where a row carries its scene graph (the
+embedded scenes), its first caption is also generated greedily and scored by scene match: the
+share of scenes whose caption names exactly their shapes and colours. Multi-turn context is not carried over, so every
 exchange asks its question about the image alone, as the scenes' QA turns do.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Exchange:
     question: str  # the user text without image tokens
     answer: str
     image: bytes | None
+    scene: dict | None = None  # the row's exact scene graph, where the file has one (the embedded scenes)
 
     def messages(self) -> list[dict]:
         user = f"{IMAGE_TOKEN}\n{self.question}" if self.image is not None else self.question
@@ -45,10 +48,14 @@ def is_short_answer(text: str, max_words: int) -> bool:
 
 def load_exchanges(path: str | Path) -> tuple[list[Exchange], list[dict]]:
     """Every exchange of every row, plus the rows that could not be read (counted skips)."""
-    table = pq.read_table(path, columns=["id", "image", "conversations"])
+    table = pq.read_table(path)
+    missing = {"id", "image", "conversations"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: no column {sorted(missing)}; a generation file has id, image, conversations")
+    scenes = table["scene"].to_pylist() if "scene" in table.column_names else [None] * table.num_rows
     exchanges, skipped = [], []
     columns = (table[c].to_pylist() for c in ("id", "image", "conversations"))
-    for row, (row_id, image, turns) in enumerate(zip(*columns)):
+    for row, (row_id, image, turns, scene) in enumerate(zip(*columns, scenes)):
         try:
             turns = normalise_conversation(turns)
         except Rejected as err:
@@ -60,7 +67,8 @@ def load_exchanges(path: str | Path) -> tuple[list[Exchange], list[dict]]:
             if turn["role"] == "user":
                 user = turn["content"].replace(IMAGE_TOKEN, "").strip()
             elif turn["role"] == "assistant" and user is not None:
-                exchanges.append(Exchange(row, str(row_id), user, turn["content"], data))
+                exchanges.append(Exchange(row, str(row_id), user, turn["content"], data,
+                                          json.loads(scene) if scene else None))
                 user = None
     if not exchanges and not skipped:
         raise ValueError(f"{path}: no (user, assistant) exchanges to score")
@@ -74,6 +82,18 @@ def generation_metrics(caption_nll: float, caption_tokens: int, qa_hits: int, qa
         metrics["perplexity"] = math.exp(metrics["caption_loss"])
     if qa_total:
         metrics["qa_exact_match"] = qa_hits / qa_total
+    return metrics
+
+
+def scene_match_metrics(matches: list[tuple[bool, int]]) -> dict[str, float]:
+    """`matches`: per scene, whether its greedy caption names exactly its shapes and colours,
+    and how many shapes it has. The share over all scenes and over single-shape scenes."""
+    metrics = {"scene_match_count": float(len(matches))}
+    if matches:
+        metrics["scene_match"] = sum(ok for ok, _ in matches) / len(matches)
+    single = [ok for ok, n in matches if n == 1]
+    if single:
+        metrics["scene_match_single"] = sum(single) / len(single)
     return metrics
 
 

@@ -44,7 +44,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, tasks:
             call (each loads the model once); False: in this process.
         tracking: an existing MLflow run to log metrics (at `step`) and the report files to.
         report_dir: where the report goes (default `<output_dir>/<label>`).
-        label: names the report folder and its MLflow artifact folder, e.g. `untrained`, `trained`.
+        label: names the report folder and its MLflow artifact folder, e.g. `base`, `cafe`.
     """
     tasks = tasks if tasks is not None else prepare_tasks(cfg.eval, cfg.data.eval_dir, suites=suites)
     if use_ray:

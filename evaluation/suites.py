@@ -17,6 +17,7 @@ from cafe.config import EvalConfig
 from evaluation import generation, mmeb, pope
 from evaluation.requests import Answers, Request
 from evaluation.retrieval import load_retrieval_set, modality_gap, recall_at_k
+from pipelines.scenes import describes_scene
 
 CAPTION_MAX_NEW_TOKENS = 64
 
@@ -102,12 +103,17 @@ def generation_task(name: str, path: Path, _image_root: Path | None, cfg: EvalCo
     short = [generation.is_short_answer(ex.answer, cfg.qa_max_words) for ex in exchanges]
     qa = [ex for ex, s in zip(exchanges, short) if s]
     captions = [ex for ex, s in zip(exchanges, short) if not s]
-    shown = captions[: cfg.caption_samples]
+    # greedy captions: the first of every row with a scene graph (scene match), else a few to show
+    first_of_row: dict[int, generation.Exchange] = {}
+    for ex in captions:
+        first_of_row.setdefault(ex.row, ex)
+    graded = [ex for ex in first_of_row.values() if ex.scene is not None]
+    generated = graded or captions[: cfg.caption_samples]
     requests = ([Request("nll", image=ex.image, messages=generation.messages_json(ex)) for ex in captions]
                 + [Request("generate", text=ex.question, image=ex.image, max_new_tokens=cfg.max_new_tokens)
                    for ex in qa]
                 + [Request("generate", text=ex.question, image=ex.image, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
-                   for ex in shown])
+                   for ex in generated])
 
     def score(ans: Answers) -> SuiteResult:
         skipped = list(unread)
@@ -124,9 +130,13 @@ def generation_task(name: str, path: Path, _image_root: Path | None, cfg: EvalCo
             total += 1
             hits += generation.normalise_answer(ans.texts[j]) == generation.normalise_answer(ex.answer)
         start = len(captions) + len(qa)
-        samples = [{"id": ex.row_id, "prompt": ex.question, "truth": ex.answer, "greedy": ans.texts[start + k]}
-                   for k, ex in enumerate(shown)]
+        greedy = [(ex, ans.texts[start + k]) for k, ex in enumerate(generated) if not ans.errors[start + k]]
+        samples = [{"id": ex.row_id, "prompt": ex.question, "truth": ex.answer, "greedy": text}
+                   for ex, text in greedy[: cfg.caption_samples]]
         metrics = generation.generation_metrics(nll, tokens, hits, total)
+        if graded:
+            metrics |= generation.scene_match_metrics(
+                [(describes_scene(text, ex.scene), len(ex.scene["shapes"])) for ex, text in greedy])
         metrics["skipped"] = float(len(skipped))
         return SuiteResult(metrics, skipped, samples)
 

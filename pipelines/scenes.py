@@ -23,6 +23,8 @@ import itertools
 import json
 import math
 import random
+import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,6 +81,8 @@ ONEVISION_SCHEMA = pa.schema(
         pa.field("data_source", pa.string()),
     ]
 )
+# the generation file adds each row's exact scene graph (JSON), which scene_match scores captions against
+GENERATION_SCHEMA = ONEVISION_SCHEMA.append(pa.field("scene", pa.string()))
 RETRIEVAL_SCHEMA = pa.schema(
     [
         pa.field("image", IMAGE_STRUCT),
@@ -257,6 +261,21 @@ def paraphrases(scene: Scene, rng: random.Random, n: int) -> list[str]:
     """`n` captions from distinct templates, each with its own shape order."""
     templates = rng.sample(range(len(CAPTION_TEMPLATES)), n)
     return [caption(scene, t, rng.sample(range(len(scene.shapes)), len(scene.shapes))) for t in templates]
+
+
+# a shape as the templates name it: "red circle" (after an optional size) or "circle in red"
+_OBJECT = re.compile(rf"\b(?:({'|'.join(COLOURS)})\s+)?({'|'.join(KINDS)})s?\b(?:\s+in\s+({'|'.join(COLOURS)}))?")
+
+
+def caption_objects(text: str) -> Counter:
+    """The (colour, kind) of every shape a caption names; a kind without a colour counts as (None, kind)."""
+    return Counter((m[1] or m[3], m[2]) for m in _OBJECT.finditer(text.lower()))
+
+
+def describes_scene(text: str, graph: dict) -> bool:
+    """True when the caption names exactly the scene's shapes with their colours, no more, no fewer."""
+    truth = Counter((s["colour"], s["kind"]) for s in graph["shapes"])
+    return caption_objects(text) == truth
 
 
 # ---------------------------------------------------------------------------- questions
@@ -476,13 +495,13 @@ def write_retrieval(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> Path
 
 
 def write_generation(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> Path:
-    """Held-out conversations (caption, then QA turns) in the OneVision layout: the generation
-    suite's caption loss and QA exact match."""
+    """Held-out conversations (caption, then QA turns) in the OneVision layout, plus each scene's
+    graph: the generation suite's caption loss, QA exact match and scene match."""
     rng = _split_rng(seed, "generation")
     rows = [{"id": d.id, "image": {"bytes": d.png, "path": d.filename}, "conversations": conversation(d.scene, rng),
-             "data_source": SUBSET} for d in scenes]
+             "data_source": SUBSET, "scene": json.dumps(d.scene.to_dict())} for d in scenes]
     path = eval_dir / "generation" / "scenes" / "test.parquet"
-    _write_parquet(rows, ONEVISION_SCHEMA, path)
+    _write_parquet(rows, GENERATION_SCHEMA, path)
     return path
 
 

@@ -9,6 +9,7 @@ import random
 from datetime import timedelta
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,10 +19,10 @@ from mlflow import MlflowClient
 from cafe.config import EvalConfig, ExperimentConfig, load_config
 from cafe.inference import InferenceModel
 from evaluation.backends import ActorPool, in_process, training_workers
-from evaluation.requests import Request
+from evaluation.requests import Answers, Request
 from evaluation.run import RunRef, evaluate_checkpoint
 from evaluation.suites import prepare_tasks
-from pipelines.scenes import write_scene_dataset
+from pipelines.scenes import CAPTION_TEMPLATES, Scene, caption, write_scene_dataset
 from tests.conftest import random_image
 
 WORLD = 2
@@ -114,11 +115,12 @@ def test_every_suite_on_the_scenes_into_one_run(tiny_checkpoint, scenes_config, 
                 "eval/mmeb/scenes/subset/SceneCaption_i2t", "eval/mmeb/scenes/subset/SceneVQA"}
              | {f"eval/pope/scenes/{c}{k}" for c in ("", "random/", "popular/", "adversarial/")
                 for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
-             | {f"eval/generation/scenes/{k}" for k in ("caption_loss", "perplexity", "qa_exact_match")})
+             | {f"eval/generation/scenes/{k}" for k in ("caption_loss", "perplexity", "qa_exact_match", "scene_match")})
     assert names <= m.keys()
     assert m["eval/mmeb/scenes/overall"] == pytest.approx(
         (m["eval/mmeb/scenes/subset/SceneCaption_i2t"] + m["eval/mmeb/scenes/subset/SceneVQA"]) / 2)
     assert m["eval/generation/scenes/perplexity"] == pytest.approx(np.exp(m["eval/generation/scenes/caption_loss"]))
+    assert m["eval/generation/scenes/scene_match_count"] == 10  # every held-out scene's greedy caption
     assert m["eval/pope/scenes/count"] == sum(m[f"eval/pope/scenes/{c}/count"]
                                               for c in ("random", "popular", "adversarial"))
 
@@ -133,6 +135,32 @@ def test_every_suite_on_the_scenes_into_one_run(tiny_checkpoint, scenes_config, 
     generation = next(s for s in report["suites"] if s["suite"] == "generation")
     assert len(generation["samples"]) == scenes_config.eval.caption_samples
     assert {"truth", "greedy"} <= generation["samples"][0].keys()
+
+
+def test_scene_match_scores_each_scenes_greedy_caption(scenes_config):
+    """Answers written by hand: the true caption for every scene but one, which names a wrong
+    colour, so scene match is 9 in 10 whatever the model."""
+    (task,) = prepare_tasks(scenes_config.eval, scenes_config.data.eval_dir, suites=["generation"])
+    graded = [(i, r) for i, r in enumerate(task.requests)
+              if r.op == "generate" and r.max_new_tokens > scenes_config.eval.max_new_tokens]
+    assert len(graded) == 10
+    texts = [""] * len(task.requests)
+    table = pq.read_table(task.source)
+    scenes = [Scene.from_dict(json.loads(g)) for g in table["scene"].to_pylist()]
+    for (i, _), scene in zip(graded, scenes):
+        texts[i] = caption(scene, len(CAPTION_TEMPLATES) - 1)
+    first = scenes[0].shapes[0]
+    wrong = "purple" if first.colour != "purple" else "red"
+    texts[graded[0][0]] = texts[graded[0][0]].replace(f"in {first.colour}", f"in {wrong}", 1)
+    n = len(task.requests)
+    answers = Answers(np.zeros((n, 1), np.float32), texts, np.ones(n), np.ones(n, np.int64), [""] * n)
+    result = task.score(answers)
+    assert result.metrics["scene_match"] == pytest.approx(0.9)
+    singles = [s for s in scenes if len(s.shapes) == 1]
+    if singles:
+        expected = sum(s is not scenes[0] for s in singles) / len(singles)
+        assert result.metrics["scene_match_single"] == pytest.approx(expected)
+    assert result.samples[0]["greedy"] == texts[graded[0][0]]
 
 
 def test_bad_suites_and_paths_fail_before_any_model(scenes_config):

@@ -58,7 +58,8 @@ def test_ray_job_submit_demo_logs_to_mlflow_server(services, tmp_path):
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     sets = [
-        f"output_dir={tmp_path}/out", f"model.checkpoint={tmp_path}/base", f"data.raw_dir={tmp_path}/raw",
+        f"output_dir={tmp_path}/out", f"model.checkpoint={tmp_path}/base", "model.pretrain_config=",
+        f"data.raw_dir={tmp_path}/raw",
         f"data.train_dir={tmp_path}/train", f"data.quarantine_dir={tmp_path}/quarantine",
         f"data.eval_dir={tmp_path}/raw/eval", "data.scenes.train_images=48", "data.scenes.eval_images=12",
         f"tracking.tracking_uri={tracking_uri}", "train.batch_size=4", "train.max_steps=2",

@@ -28,9 +28,11 @@ from pipelines.scenes import (
     Scene,
     Shape,
     caption,
+    describes_scene,
     is_held_out,
     make_scene,
     render_scene,
+    sample_scene,
     scene_corpus,
     write_scene_dataset,
 )
@@ -120,6 +122,22 @@ def test_captions_name_every_shape():
     assert len({caption(scene, t) for t in range(len(CAPTION_TEMPLATES))}) == len(CAPTION_TEMPLATES)
     with pytest.raises(ValueError):
         make_scene([Shape("star", "red", "large", "top"), Shape("circle", "blue", "small", "top")])
+
+
+def test_scene_match_reads_every_caption_template():
+    rng = random.Random(3)
+    for _ in range(300):
+        scene = sample_scene(rng)
+        graph = scene.to_dict()
+        for template in range(len(CAPTION_TEMPLATES)):
+            assert describes_scene(caption(scene, template), graph), caption(scene, template)
+    scene = make_scene([Shape("square", "blue", "small", "center"), Shape("circle", "red", "large", "top left")])
+    graph = scene.to_dict()
+    assert not describes_scene("a large red circle at the top left", graph)  # a shape missing
+    assert not describes_scene("a large red circle and a small green square", graph)  # a wrong colour
+    assert not describes_scene("a red circle, a blue square and a blue star", graph)  # one too many
+    assert not describes_scene("a large circle at the top left and a small blue square", graph)  # colour unnamed
+    assert describes_scene("A small square in blue and a big red circle.", graph)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -19,7 +19,7 @@ NAME = "sweep-test"
 
 def sweep_command(root: Path, *extra: str) -> list[str]:
     overrides = [
-        f"output_dir={root}/out", f"model.checkpoint={root}/base", f"data.raw_dir={root}/raw",
+        f"output_dir={root}/out", f"model.checkpoint={root}/base", "model.pretrain_config=", f"data.raw_dir={root}/raw",
         f"data.train_dir={root}/train", f"data.quarantine_dir={root}/q", f"data.eval_dir={root}/raw/eval",
         "data.scenes.train_images=48", "data.scenes.eval_images=8", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
         "train.batch_size=4", "train.max_steps=4", "eval.every_steps=2", f"tune.name={NAME}",

@@ -3,7 +3,7 @@ import pytest
 from ray import tune
 
 from cafe.config import ConfigError, load_config
-from tuning.space import parse_dimension, search_space, with_values
+from tuning.space import parse_dimension, search_space, trial_values, with_values
 from tuning.sweep import check_sweep
 
 
@@ -48,3 +48,21 @@ def test_sweep_checks_objective_and_reports():
 def test_trial_values_land_in_a_validated_config():
     cfg = with_values(sweep_config(), {"loss.con_weight": 0.5, "loss.compute_language_loss": False})
     assert cfg.loss.con_weight == 0.5 and cfg.loss.compute_language_loss is False
+
+
+def test_arms_run_the_ablation_each_checked_whole():
+    cfg = load_config("configs/ablation.yaml", [])
+    dims = check_sweep(cfg)
+    assert dims[0].key == "arm" and dims[0].to_tune() == tune.grid_search(list(cfg.tune.arms))
+    lm_only = with_values(cfg, trial_values(cfg, {"arm": "lm_only"}))
+    assert lm_only.loss.compute_contrastive_loss is False and lm_only.loss.compute_language_loss is True
+    contrastive_only = with_values(cfg, trial_values(cfg, {"arm": "contrastive_only"}))
+    assert contrastive_only.loss.compute_language_loss is False
+    bad = load_config("configs/ablation.yaml", [])
+    bad.tune.arms = {"cafe": {"loss.con_wieght": 0.5}}
+    with pytest.raises(ConfigError, match=r"tune.arms\['cafe'\].*unknown key 'loss.con_wieght'"):
+        search_space(bad)
+    bad.tune.arms = {"cafe": {"loss.con_weight": 0.5}}
+    bad.tune.search_space = {"loss.con_weight": "grid(0.1, 1)"}
+    with pytest.raises(ConfigError, match="which tune.search_space also sweeps"):
+        search_space(bad)

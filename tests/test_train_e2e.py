@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     overrides = [
-        f"output_dir={root}/out", f"model.checkpoint={root}/base", f"data.raw_dir={root}/raw",
+        f"output_dir={root}/out", f"model.checkpoint={root}/base", "model.pretrain_config=", f"data.raw_dir={root}/raw",
         f"data.train_dir={root}/train", f"data.quarantine_dir={root}/quarantine", f"data.eval_dir={root}/raw/eval",
         "data.dataset_yaml=configs/datasets/scenes.yaml", "data.scenes.train_images=64", "data.scenes.eval_images=16",
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", "train.batch_size=4", "train.max_steps=3",

@@ -146,6 +146,8 @@ def write_best_config(summary: SweepSummary, base_config: dict, out_dir: Path) -
         raise ValueError(f"sweep {summary.name!r}: no trial reported {summary.objective_name!r}")
     config = copy.deepcopy(base_config)
     for dotted, value in best.params.items():
+        if "." not in dotted:  # the arm's name: its values are params of their own
+            continue
         *parents, leaf = dotted.split(".")
         node = config
         for part in parents:

@@ -66,6 +66,13 @@ def parse_dimension(key: str, text: str) -> Dimension:
     return Dimension(key, kind, values)
 
 
+def trial_values(cfg: ExperimentConfig, sampled: dict[str, Any]) -> dict[str, Any]:
+    """A trial's dotted config values: its arm's (if any) and the sampled ones."""
+    values = dict(sampled)
+    arm = values.pop(ARM, None)
+    return {**{k: _number(v) for k, v in cfg.tune.arms.get(arm, {}).items()}, **values}
+
+
 def with_values(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
     """`base` with each dotted key set, re-validated (unknown key or wrong type: ConfigError)."""
     raw = dataclasses.asdict(base)
@@ -82,12 +89,29 @@ def with_values(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentCon
     return config_from_dict(raw)
 
 
+ARM = "arm"  # the Tune parameter naming a trial's arm (tune.arms)
+
+
 def search_space(cfg: ExperimentConfig) -> list[Dimension]:
-    """The parsed dimensions, each checked by building a config with every value it may take."""
-    if not cfg.tune.search_space:
-        raise ConfigError("tune.search_space is empty: name at least one key, e.g. loss.con_weight: grid(0.1, 0.5)")
+    """The parsed dimensions, each checked by building a config with every value it may take;
+    `tune.arms` become one grid dimension over the arm names, each arm checked whole."""
+    if not cfg.tune.search_space and not cfg.tune.arms:
+        raise ConfigError("tune.search_space and tune.arms are empty: name at least one key, "
+                          "e.g. loss.con_weight: grid(0.1, 0.5)")
     dims = [parse_dimension(key, text) for key, text in cfg.tune.search_space.items()]
+    for arm, values in cfg.tune.arms.items():
+        clash = sorted(set(values) & set(cfg.tune.search_space))
+        if clash:
+            raise ConfigError(f"tune.arms[{arm!r}] sets {clash}, which tune.search_space also sweeps")
+        try:
+            with_values(cfg, {k: _number(v) for k, v in values.items()})
+        except ConfigError as err:
+            raise ConfigError(f"tune.arms[{arm!r}]: {err}") from None
+    if cfg.tune.arms:
+        dims.insert(0, Dimension(ARM, "grid", tuple(cfg.tune.arms)))
     for dim in dims:
+        if dim.key == ARM:
+            continue
         if dim.key.startswith("tune."):
             raise ConfigError(f"tune.search_space[{dim.key!r}]: the sweep's own settings cannot be swept")
         for value in dim.samples():

@@ -26,11 +26,12 @@ from cafe.config import ConfigError, ExperimentConfig, config_from_dict, to_flat
 from trainers.run import build_trainer, planned_steps
 from trainers.tracking import RUN_KEY_TAG, finish_run, get_or_create_run, log_metrics
 from tuning.report import SweepSummary, Trial, best_trial, write_sweep_report
-from tuning.space import Dimension, search_space, with_values
+from tuning.space import ARM, Dimension, search_space, trial_values, with_values
 
 OBJECTIVE = "objective"
 TRIAL_CPU = 0.01  # the trial's driver function only launches its TorchTrainer, whose workers hold the CPUs
 SWEEP_TAG = "cafe.sweep"
+ARM_TAG = "cafe.arm"
 TRIAL_DIR = re.compile(r"_([0-9a-f]{5}_\d{5})_")  # Tune's trial directory: <trainable>_<trial id>_<index>_...
 
 
@@ -80,11 +81,12 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts).resolve())
 
 
-def trial_config(base: ExperimentConfig, values: dict, trial_id: str, name: str) -> ExperimentConfig:
-    cfg = with_values(base, values)
+def trial_config(base: ExperimentConfig, sampled: dict, trial_id: str, name: str) -> ExperimentConfig:
+    cfg = with_values(base, trial_values(base, sampled))
+    label = " ".join(filter(None, [name, sampled.get(ARM), trial_id]))
     return dataclasses.replace(cfg, name=f"{name}-{trial_id}",
                                output_dir=join(base.output_dir, "sweeps", name, trial_id),
-                               tracking=dataclasses.replace(cfg.tracking, run_name=f"{name} {trial_id}"))
+                               tracking=dataclasses.replace(cfg.tracking, run_name=label))
 
 
 def run_trial(values: dict, *, base: dict, name: str, parent_run_id: str, storage_path: str) -> None:
@@ -94,7 +96,10 @@ def run_trial(values: dict, *, base: dict, name: str, parent_run_id: str, storag
     cfg = trial_config(config_from_dict(base), values, trial_id, name)
     run_id = get_or_create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_key=cfg.name,
                                run_name=cfg.tracking.run_name, parent_run_id=parent_run_id, params=to_flat_dict(cfg))
-    MlflowClient(cfg.tracking.tracking_uri).set_tag(run_id, SWEEP_TAG, name)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    client.set_tag(run_id, SWEEP_TAG, name)
+    if ARM in values:
+        client.set_tag(run_id, ARM_TAG, values[ARM])
     callback = ObjectiveReport(cfg.tune.objective, cfg.tracking.tracking_uri, run_id)
     result = build_trainer(cfg, run_id, callbacks=[callback], storage_path=storage_path).fit()
     finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED" if result.error else "FINISHED")
@@ -176,12 +181,14 @@ def summarise(cfg: ExperimentConfig, name: str, dims: list[Dimension], grid, max
         elif status == "TERMINATED" and run and run.info.status == "RUNNING":
             finish_run(cfg.tracking.tracking_uri, run.info.run_id)
         objective = metrics.get(OBJECTIVE)
-        trials.append(Trial(trial_id=trial_id, status=status, params={d.key: result.config.get(d.key) for d in dims},
+        params = {d.key: result.config.get(d.key) for d in dims} | trial_values(cfg, result.config)
+        trials.append(Trial(trial_id=trial_id, status=status, params=params,
                             metrics=metrics,
                             objective=None if objective is None or math.isnan(objective) else objective,
                             run_id=run.info.run_id if run else None, iterations=total))
-    return SweepSummary(name=name, objective_name=OBJECTIVE, mode=cfg.tune.mode, trials=trials,
-                        swept=[d.key for d in dims])
+    arm_keys = [k for values in cfg.tune.arms.values() for k in values]
+    swept = list(dict.fromkeys([d.key for d in dims] + arm_keys))
+    return SweepSummary(name=name, objective_name=OBJECTIVE, mode=cfg.tune.mode, trials=trials, swept=swept)
 
 
 def _write_report(cfg: ExperimentConfig, summary: SweepSummary, parent: str) -> list[Path]:
