@@ -124,6 +124,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0: only the final one
+    storage_path: str = ""  # where Ray Train keeps checkpoints (a folder or s3://...); empty: output_dir/ray_results
     max_failures: int = 0
 
 
@@ -312,8 +313,8 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
     return _build(ExperimentConfig, raw)
 
 
-PATH_FIELDS = ("output_dir", "model.checkpoint", "model.pretrain_config", "data.raw_dir", "data.dataset_yaml",
-               "data.train_dir", "data.quarantine_dir", "data.eval_dir")
+PATH_FIELDS = ("output_dir", "train.storage_path", "model.checkpoint", "model.pretrain_config", "data.raw_dir",
+               "data.dataset_yaml", "data.train_dir", "data.quarantine_dir", "data.eval_dir")
 
 
 def with_absolute_paths(config: ExperimentConfig, base: str | Path | None = None) -> ExperimentConfig:

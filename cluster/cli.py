@@ -81,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"cafe sweep: {err}", file=sys.stderr)
             return 2
+    if args.command == "train":
+        from trainers.run import InputError, check_training_inputs
+
+        try:
+            check_training_inputs(cfg)
+        except InputError as err:
+            print(f"cafe train: {err}", file=sys.stderr)
+            return 2
     if args.command == "pretrain" and not cfg.model.pretrain_config:
         print("cafe pretrain: model.pretrain_config is empty; set it to a stage config such as configs/base.yaml",
               file=sys.stderr)

@@ -20,7 +20,7 @@ from evaluation.suites import SuiteTask, prepare_tasks
 from pipelines.ingest import run_from_config
 from pipelines.scenes import scene_corpus, write_scene_dataset
 from trainers.run import train
-from trainers.tracking import finish_run, get_or_create_run
+from trainers.tracking import finish_run, get_or_create_run, provenance_tags
 
 
 def prepare_scenes(cfg: ExperimentConfig) -> dict:
@@ -70,7 +70,7 @@ def pretrain(cfg: ExperimentConfig) -> Path:
 
 def open_run(cfg: ExperimentConfig) -> str:
     return get_or_create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_key=cfg.name,
-                             run_name=cfg.tracking.run_name, params=to_flat_dict(cfg))
+                             run_name=cfg.tracking.run_name, params=to_flat_dict(cfg), tags=provenance_tags())
 
 
 @contextmanager

@@ -39,3 +39,41 @@ def test_eval_without_scenes_says_what_to_run(tmp_path, tiny_checkpoint, capsys)
     assert run(tmp_path, "--checkpoint", str(tiny_checkpoint), "--set", f"data.eval_dir={tmp_path}/none") == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "cafe scenes" in err
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    """Ten training rows, as `cafe data` writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("train")
+    pq.write_table(pa.table({"id": [str(i) for i in range(10)]}), root / "part-0.parquet")
+    return root
+
+
+def train(tmp_path, *sets):
+    args = ["train", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            "--set", "model.pretrain_config=", "--set", f"output_dir={tmp_path}/out"]
+    for s in sets:
+        args += ["--set", s]
+    return main(args)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["data.train_dir={tmp}/no/such/dir"], "data.train_dir {tmp}/no/such/dir cannot be read as training Parquet"),
+    (["data.train_dir={tmp}"], "holds no training rows; convert input first: `cafe data"),
+    (["data.train_dir={train}", "train.batch_size=8"], "10 training rows cannot fill one batch of 8 on each of 2"),
+    (["data.train_dir={train}", "model.checkpoint={tmp}/none", "model.build_tiny_if_missing=false"],
+     "model.checkpoint {tmp}/none is not a model directory"),
+    (["data.train_dir={train}", "train.batch_size=1", "train.storage_path=s4://bucket/ckpt"],
+     "train.storage_path s4://bucket/ckpt is not a storage location"),
+])
+def test_train_user_errors_are_one_line(tmp_path, train_dir, capsys, sets, message):
+    fill = {"tmp": tmp_path, "train": train_dir}
+    assert train(tmp_path, *(s.format(**fill) for s in sets)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message.format(**fill) in err and len(err.splitlines()) == 1, err
+    assert err.startswith("cafe train: ")
+    assert not ray.is_initialized()
+    assert not Path(tmp_path, "mlflow.db").exists()

@@ -1,5 +1,8 @@
 """Training on a local Ray cluster: 2 workers, DeepSpeed on CPU (gloo), MLflow logging, HF
 export. Slow: each run starts workers and DeepSpeed engines."""
+from pathlib import Path
+
+import mlflow
 import pytest
 import ray
 import torch
@@ -14,8 +17,16 @@ from trainers.run import build_trainer
 pytestmark = pytest.mark.slow
 
 
+# planted in the environment of the driver and every worker: none may reach MLflow or the logs
+SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAPLANTEDKEY000001", "AWS_SECRET_ACCESS_KEY": "planted/secret/KEY+0000000001",
+           "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-password-01"}
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
+    monkeypatch = pytest.MonkeyPatch()
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
     root = tmp_path_factory.mktemp("train")
     overrides = [
         f"output_dir={root}/out", f"model.checkpoint={root}/base", "model.pretrain_config=", f"data.raw_dir={root}/raw",
@@ -32,6 +43,7 @@ def prepared(tmp_path_factory):
     assert summary.written == 64 and summary.quarantined == 0
     yield root, overrides
     ray.shutdown()
+    monkeypatch.undo()
 
 
 @pytest.mark.parametrize("stage, compiled", [(2, False), (3, False), (2, True)],
@@ -83,3 +95,29 @@ def test_compiled_blocks_refused_under_zero3():
     cfg = load_config("configs/demo.yaml", ["train.zero_stage=3", "model.compile_blocks=true"])
     with pytest.raises(ValueError, match="zero_stage 0-2"):
         build_trainer(cfg, run_id="unused")
+
+
+def test_no_secret_from_the_environment_reaches_mlflow_or_the_logs(prepared, tmp_path):
+    """Runs after the training runs above, in the same MLflow store and Ray session: params,
+    tags, every artifact, and the run's output (the Ray workers' stdout/stderr files)."""
+    root, _ = prepared
+    planted = list(SECRETS.values())
+    token_file = Path.home() / ".ray" / "auth_token"
+    if token_file.exists():  # the cluster's token is a secret too
+        planted.append(token_file.read_text().strip())
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 3
+    texts = []
+    for run in runs:
+        texts += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=client.tracking_uri,
+                                                         dst_path=str(tmp_path / run.info.run_id)))
+        texts += [p.read_bytes().decode("utf-8", "replace") for p in local.rglob("*") if p.is_file()]
+    assert {"cafe.git_commit", "ray.job_id"} <= runs[0].data.tags.keys()
+    logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+    outputs = [p for p in logs.glob("worker-*") if p.suffix in (".out", ".err")]
+    assert outputs
+    texts += [p.read_bytes().decode("utf-8", "replace") for p in outputs]
+    leaks = [secret for secret in planted if any(secret in text for text in texts)]
+    assert not leaks, f"{len(leaks)} planted secrets found in MLflow or the run's output"

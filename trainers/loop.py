@@ -15,7 +15,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from cafe.batch import Collator
+from cafe.batch import Collator, PackedBatch
 from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
 from cafe.inference import InferenceModel
@@ -27,6 +27,8 @@ from evaluation.run import RunRef, log_scorecard
 from evaluation.scorecard import score_tasks, write_report
 from evaluation.suites import prepare_tasks
 from trainers.deepspeed_config import deepspeed_config
+from trainers.prefetch import prefetched
+from trainers.progress import Progress
 from trainers.tracking import log_metrics
 
 HF_EXPORT_DIR = "hf"  # inside every reported checkpoint: a from_pretrained-ready model
@@ -118,28 +120,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_metrics: dict[str, float] = {}
     checkpoint_every = loop_config["checkpoint_every"]
     evaluate = _in_training_evaluation(cfg, engine.module, processor, rank, world, RunRef(tracking_uri, run_id))
+    progress = Progress(total_steps, samples_per_step=cfg.train.batch_size * world)
+
+    def prepare(rows) -> PackedBatch:  # on the prefetch thread: decoding, templating, packing
+        examples = [example_from_row(r, multimodal_input=cfg.loss.multimodal_input) for r in rows.to_pylist()]
+        return collator(examples)
+
     while step < total_steps:
         steps_before = step
-        for rows in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True,
-                                       prefetch_batches=2):
+        batches = shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True,
+                                     prefetch_batches=2)
+        for packed, waited in prefetched(batches, prepare):
             started = time.perf_counter()
-            examples = [example_from_row(r, multimodal_input=cfg.loss.multimodal_input) for r in rows.to_pylist()]
-            batch = collator(examples).to(device, dtype)
+            batch = packed.to(device, dtype)
             terms = engine(batch, rank=rank, world_size=world)
             engine.backward(terms.objective)
             engine.step()
             step += 1
+            progress.add(waited=waited, busy=time.perf_counter() - started, tokens=int((batch.unit >= 0).sum()))
             if step % cfg.train.log_every == 0 or step == total_steps:
-                seconds = time.perf_counter() - started
-                last_metrics = _step_metrics(terms, engine, model, seconds, len(examples) * world, world)
+                last_metrics = {**_loss_metrics(terms, engine, model, world), **progress.interval_metrics(world)}
                 if rank == 0:
                     log_metrics(tracking_uri, run_id, last_metrics, step=step)
+                    print(progress.line(step, last_metrics), flush=True)
             if evaluate and (step % cfg.eval.every_steps == 0 or step == total_steps):
                 last_metrics = {**last_metrics, **evaluate(step)}
+                progress.skip_interval()  # scoring time is not training throughput
                 if step < total_steps:  # the final scores travel with the final checkpoint's report
                     ray.train.report({**last_metrics, "step": step})
             if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
                 _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=False)
+                progress.skip_interval()
             if step >= total_steps:
                 break
         if step == steps_before:
@@ -173,13 +184,13 @@ def _in_training_evaluation(cfg: ExperimentConfig, model: CafeModel, processor, 
     return evaluate
 
 
-def _step_metrics(terms, engine, model: CafeModel, seconds: float, samples: int, world: int) -> dict[str, float]:
+def _loss_metrics(terms, engine, model: CafeModel, world: int) -> dict[str, float]:
     values = torch.stack([t.detach().float() if t is not None else torch.tensor(float("nan"))
                           for t in (terms.loss, terms.lm_loss, terms.con_loss)]).cpu()
     if world > 1:  # the LM loss is a per-rank mean: average it (contrastive is global already)
         dist.all_reduce(values)
         values /= world
-    metrics = {"train/loss": values[0].item(), "train/lr": engine.get_lr()[0], "train/samples_per_s": samples / seconds,
+    metrics = {"train/loss": values[0].item(), "train/lr": engine.get_lr()[0],
                "train/temperature": model.loss.contrastive.temperature}
     if terms.lm_loss is not None:
         metrics["train/lm_loss"] = values[1].item()

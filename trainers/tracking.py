@@ -2,17 +2,48 @@
 to the workers; rank 0 logs to it by id, so no worker depends on an active-run context."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
+from pathlib import Path
 
+import ray
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 RUN_KEY_TAG = "cafe.run_key"
+# JSON that Ray's job supervisor hands a submitted entrypoint; its metadata holds the submission id
+RAY_JOB_CONFIG_JSON_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def provenance_tags() -> dict[str, str]:
+    """Where a run came from: the code's git commit (and whether the tree had local changes)
+    and the Ray job, by its submission id when it came through `ray job submit`."""
+    tags = {}
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        commit = status = None
+    if commit and commit.returncode == 0:
+        tags["cafe.git_commit"] = commit.stdout.strip()
+        tags["cafe.git_dirty"] = str(bool(status.stdout.strip())).lower()
+    job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    submission = job_config.get("metadata", {}).get("job_submission_id")
+    if submission:
+        tags["ray.job_submission_id"] = submission
+    if ray.is_initialized():
+        tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
+    return tags
 
 
 def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, *, run_name: str | None = None,
-                      parent_run_id: str | None = None, params: dict | None = None) -> str:
+                      parent_run_id: str | None = None, params: dict | None = None,
+                      tags: dict[str, str] | None = None) -> str:
     """The run whose `cafe.run_key` tag is `run_key`, created if absent. A relaunch of the same
     run continues it, and refuses params that differ from the first launch's."""
     client = MlflowClient(tracking_uri)
@@ -28,6 +59,8 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, *, run_n
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=run_name or run_key, tags=tags).info.run_id
+    for key, value in (tags or {}).items():  # this launch's provenance (a resumed run shows its latest)
+        client.set_tag(run_id, key, value)
     if params:
         log_params(client, run_id, params)
     return run_id

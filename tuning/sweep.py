@@ -16,15 +16,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 from mlflow import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from cafe.config import ConfigError, ExperimentConfig, config_from_dict, to_flat_dict
-from trainers.run import build_trainer, planned_steps
-from trainers.tracking import RUN_KEY_TAG, finish_run, get_or_create_run, log_metrics
+from trainers.run import build_trainer, planned_steps, training_rows
+from trainers.tracking import RUN_KEY_TAG, finish_run, get_or_create_run, log_metrics, provenance_tags
 from tuning.report import SweepSummary, Trial, best_trial, write_sweep_report
 from tuning.space import ARM, Dimension, search_space, trial_values, with_values
 
@@ -95,7 +94,8 @@ def run_trial(values: dict, *, base: dict, name: str, parent_run_id: str, storag
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config_from_dict(base), values, trial_id, name)
     run_id = get_or_create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_key=cfg.name,
-                               run_name=cfg.tracking.run_name, parent_run_id=parent_run_id, params=to_flat_dict(cfg))
+                               run_name=cfg.tracking.run_name, parent_run_id=parent_run_id, params=to_flat_dict(cfg),
+                               tags=provenance_tags())
     client = MlflowClient(cfg.tracking.tracking_uri)
     client.set_tag(run_id, SWEEP_TAG, name)
     if ARM in values:
@@ -125,7 +125,8 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
     name = sweep_name(cfg)
     tracking_uri = cfg.tracking.tracking_uri
     params = {f"tune.{k}": v for k, v in to_flat_dict(cfg.tune).items()}
-    parent = get_or_create_run(tracking_uri, cfg.tracking.experiment, run_key=name, run_name=name, params=params)
+    parent = get_or_create_run(tracking_uri, cfg.tracking.experiment, run_key=name, run_name=name, params=params,
+                               tags=provenance_tags())
     MlflowClient(tracking_uri).set_tag(parent, SWEEP_TAG, name)
     storage = join(cfg.output_dir, "sweeps")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -134,7 +135,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
                              storage_path=join(storage, name, "train")),
         {"cpu": TRIAL_CPU})
     path = f"{storage}/{name}"
-    max_steps = planned_steps(ray.data.read_parquet(cfg.data.train_dir).count(), cfg)
+    max_steps = planned_steps(training_rows(cfg.data.train_dir), cfg)
     try:
         if resume:
             if not tune.Tuner.can_restore(path):
