@@ -1,6 +1,7 @@
 """Connecting to Ray: an existing cluster when one is named, else an in-process one on 127.0.0.1."""
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -25,9 +26,11 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's controller queries
     # to see whether a run's actors are alive and to free a finished run's placement group;
     # without it every query times out and a sweep's next trial waits for CPUs that are never freed.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}})
+    context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+                       include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                       logging_level=logging.WARNING,  # Ray's start-up chatter stays in its session logs
+                       runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}})
+    print(f"[cafe] Ray started in this process; dashboard: http://{context.dashboard_url}", flush=True)
     # Ray's own helpers that look the cluster up by address (Train's placement-group cleaner,
     # which frees a finished trial's CPUs for the next) read the "latest cluster" file, which
     # only `ray start` writes: left alone it names a stale or foreign head.

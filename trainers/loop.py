@@ -3,6 +3,7 @@ log from rank 0, report checkpoints to Ray Train (HF export + DeepSpeed state fo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -87,7 +88,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.use_gpu else "cpu")
     import deepspeed  # on workers only, after DS_ACCELERATOR is set: it picks its accelerator at import
+    from deepspeed.utils import logger as deepspeed_logger
 
+    deepspeed_logger.setLevel(logging.WARNING)  # its per-engine INFO lines would bury the progress line
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)

@@ -72,6 +72,7 @@ def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None 
                   storage_path: str | None = None) -> TorchTrainer:
     total_steps = check_training_inputs(cfg)
     dataset = ray.data.read_parquet(cfg.data.train_dir)
+    dataset.context.enable_progress_bars = False  # the loop's own progress line says how training goes
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "total_steps": total_steps,
