@@ -49,6 +49,7 @@ def train_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     pq.write_table(pa.table({"id": [str(i) for i in range(10)]}), root / "part-0.parquet")
+    (root / "summary.json").write_text("{}")  # the pipeline's summary sits beside the shards
     return root
 
 

@@ -37,7 +37,8 @@ def training_rows(train_dir: str) -> int:
     a missing or empty location is a user error naming what to run first."""
     hint = "convert input first: `cafe data --config ...` (the demo draws and converts the scenes itself)"
     try:
-        rows = pyarrow.dataset.dataset(train_dir, format="parquet").count_rows()
+        # other files beside the shards (the pipeline's summary.json) are not training data
+        rows = pyarrow.dataset.dataset(train_dir, format="parquet", exclude_invalid_files=True).count_rows()
     except (FileNotFoundError, OSError, pyarrow.ArrowInvalid) as err:
         raise InputError(f"data.train_dir {train_dir} cannot be read as training Parquet ({err}); {hint}") from None
     if rows == 0:
