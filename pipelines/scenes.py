@@ -381,18 +381,26 @@ def sample_qa(scene: Scene, rng: random.Random, builders: tuple[QABuilder, ...] 
             return qa
 
 
+QUESTION_FIRST = 0.25  # share of conversations that open with a question about the image, as VQA data does
+
+
 def conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
-    """Describe -> caption, then 1-3 distinct QA turns; only the first turn carries the image."""
-    turns = [
-        {"from": "human", "value": f"{IMAGE_TOKEN}\n{rng.choice(DESCRIBE_PROMPTS)}"},
-        {"from": "gpt", "value": paraphrases(scene, rng, 1)[0]},
-    ]
+    """Describe -> caption and 1-3 distinct QA exchanges; most conversations open with the
+    caption, a quarter with a question. Only the first turn carries the image, so a model
+    learns both to caption and to answer a question asked with the image (as POPE asks)."""
+    exchanges = [(rng.choice(DESCRIBE_PROMPTS), paraphrases(scene, rng, 1)[0])]
     asked: set[str] = set()
     for _ in range(rng.randint(1, 3)):
         qa = sample_qa(scene, rng)
         if qa.question not in asked:
             asked.add(qa.question)
-            turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
+            exchanges.append((qa.question, qa.answer))
+    if rng.random() < QUESTION_FIRST:
+        exchanges[0], exchanges[1] = exchanges[1], exchanges[0]
+    turns = []
+    for i, (question, answer) in enumerate(exchanges):
+        turns += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question},
+                  {"from": "gpt", "value": answer}]
     return turns
 
 
