@@ -50,6 +50,9 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
     compile_blocks: bool = False  # torch.compile each transformer block (cafe.compile); ZeRO 0-2 only
+    # the parts that train, by the research code's names; the rest is frozen (no gradient, no optimizer state)
+    mm_tunable_parts: list[Literal["mm_vision_tower", "mm_mlp_adapter", "mm_language_model"]] = field(
+        default_factory=lambda: ["mm_vision_tower", "mm_mlp_adapter", "mm_language_model"])
 
 
 @dataclass(kw_only=True)
@@ -120,6 +123,8 @@ class TrainConfig:
     temperature_lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int = 10
+    warmup_ratio: float = 0.0  # warmup as a share of the run's steps; when > 0 it replaces warmup_steps
+    vision_lr: float = 0.0  # the vision tower's learning rate (the research code's mm_vision_tower_lr); 0: lr
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 1

@@ -18,6 +18,24 @@ from cafe.batch import PackedBatch
 from cafe.losses import CafeLoss, LossTerms
 from cafe.prompts import IGNORE_INDEX
 
+# the research code's mm_tunable_parts, as parameter-name prefixes of LlavaOnevisionForConditionalGeneration
+TUNABLE_PARTS = {
+    "mm_vision_tower": ("model.vision_tower.",),
+    "mm_mlp_adapter": ("model.multi_modal_projector.", "model.image_newline"),
+    "mm_language_model": ("model.language_model.", "lm_head."),
+}
+
+
+def set_tunable_parts(vlm: nn.Module, parts: list[str]) -> None:
+    """Freeze every parameter outside `parts`; frozen ones get no gradient (and, left out of the
+    optimizer's groups, no optimizer state)."""
+    unknown = set(parts) - set(TUNABLE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown mm_tunable_parts {sorted(unknown)}; choose from {list(TUNABLE_PARTS)}")
+    prefixes = tuple(prefix for part in parts for prefix in TUNABLE_PARTS[part])
+    for name, param in vlm.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
+
 
 def load_vlm(checkpoint: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """Model and processor from a local HF directory (no hub access)."""

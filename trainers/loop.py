@@ -21,7 +21,7 @@ from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
 from cafe.inference import InferenceModel
 from cafe.losses import CafeLoss, ContrastiveLoss
-from cafe.model import CafeModel, load_vlm
+from cafe.model import CafeModel, load_vlm, set_tunable_parts
 from cafe.records import example_from_row
 from evaluation.backends import training_workers
 from evaluation.run import RunRef, log_scorecard
@@ -50,6 +50,7 @@ def build_model(cfg: ExperimentConfig, dtype: torch.dtype) -> tuple[CafeModel, o
     vlm, processor = load_vlm(cfg.model.checkpoint, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     if cfg.model.gradient_checkpointing:
         vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    set_tunable_parts(vlm, cfg.model.mm_tunable_parts)
     if cfg.model.compile_blocks:
         compile_blocks(vlm)
     loss = cfg.loss
@@ -62,13 +63,22 @@ def build_model(cfg: ExperimentConfig, dtype: torch.dtype) -> tuple[CafeModel, o
 
 
 def param_groups(model: CafeModel, cfg: ExperimentConfig) -> list[dict]:
-    temperature = [p for p in model.loss.parameters() if p.requires_grad]
-    ids = {id(p) for p in temperature}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": rest, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}]
-    if temperature:
-        groups.append({"params": temperature, "lr": cfg.train.temperature_lr, "weight_decay": 0.0})
-    return groups
+    """Trainable parameters only: the temperature at its own rate, the vision tower at
+    `train.vision_lr` when set, the rest at `train.lr`."""
+    temperature = {id(p) for p in model.loss.parameters()}
+    vision = {id(p) for p in model.vlm.model.vision_tower.parameters()} if cfg.train.vision_lr else set()
+    groups = {"temperature": [], "vision": [], "rest": []}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups["temperature" if id(p) in temperature else "vision" if id(p) in vision else "rest"].append(p)
+    rates = {"temperature": (cfg.train.temperature_lr, 0.0), "vision": (cfg.train.vision_lr, cfg.train.weight_decay),
+             "rest": (cfg.train.lr, cfg.train.weight_decay)}
+    return [{"params": params, "lr": rates[name][0], "weight_decay": rates[name][1]}
+            for name, params in groups.items() if params]
+
+
+def warmup_steps(cfg: ExperimentConfig, total_steps: int) -> int:
+    return math.ceil(cfg.train.warmup_ratio * total_steps) if cfg.train.warmup_ratio > 0 else cfg.train.warmup_steps
 
 
 def export_hf(engine, model: CafeModel, processor, out_dir: Path, zero_stage: int, rank: int) -> None:
@@ -105,7 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, processor = build_model(cfg, dtype)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr)
     total_steps = loop_config["total_steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps(cfg, total_steps), total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
     step = 0
