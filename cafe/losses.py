@@ -88,6 +88,28 @@ class LossTerms:
     con_loss: torch.Tensor | None
 
 
+@dataclass
+class CachedGrads:
+    """GradCache's cached gradients for one chunk (`cafe.gradcache`): d objective / d the chunk's
+    query and target embeddings, the factor of the chunk's mean LM loss in the full-batch
+    objective, and, on one chunk only, d objective / d each learnable parameter of the loss."""
+
+    query: torch.Tensor | None
+    target: torch.Tensor | None
+    lm: torch.Tensor | float
+    params: list[tuple[nn.Parameter, torch.Tensor]]
+
+    def surrogate(self, lm_loss: torch.Tensor | None, query: torch.Tensor | None,
+                  target: torch.Tensor | None) -> torch.Tensor:
+        """Linear in the chunk's outputs with the cached gradients as coefficients: its backward
+        gives the chunk's share of the full-batch objective's gradient."""
+        pairs = [(query, self.query), (target, self.target), *self.params]
+        parts = [(x * g).sum() for x, g in pairs if x is not None]
+        if lm_loss is not None:
+            parts.append(self.lm * lm_loss)
+        return sum(parts)
+
+
 class CafeLoss(nn.Module):
     """L = alpha_lm * L_lm + con_weight * L_con, with the reference code's on/off flags."""
 
@@ -104,15 +126,20 @@ class CafeLoss(nn.Module):
 
     def forward(self, *, lm_loss: torch.Tensor | None, query: torch.Tensor | None, target: torch.Tensor | None,
                 rank: int = 0, world_size: int = 1) -> LossTerms:
-        loss = objective = None
         con = None
+        if self.compute_contrastive_loss:
+            # The temperature (and bias) is replicated: each rank already gets its full gradient,
+            # so it is divided by world_size here to stay exact after the scaling in `combine`.
+            con = self.contrastive(gather_features(query, rank, world_size), gather_features(target, rank, world_size),
+                                   param_grad_scale=1.0 / world_size)
+        return self.combine(lm_loss, con, world_size)
+
+    def combine(self, lm_loss: torch.Tensor | None, con: torch.Tensor | None, world_size: int = 1) -> LossTerms:
+        """The weighted terms from values already computed (GradCache reports the full batch this way)."""
+        loss = objective = None
         if self.compute_language_loss:
             loss = objective = self.alpha_lm * lm_loss
         if self.compute_contrastive_loss:
-            # The temperature (and bias) is replicated: each rank already gets its full gradient,
-            # so it is divided by world_size here to stay exact after the scaling below.
-            con = self.contrastive(gather_features(query, rank, world_size), gather_features(target, rank, world_size),
-                                   param_grad_scale=1.0 / world_size)
             weighted = self.con_weight * con
             # Every rank holds the full global contrastive loss but only its own samples'
             # gradient; data-parallel averaging divides by world_size, so scale it back up.
