@@ -1,7 +1,8 @@
 """GradCache (Gao et al. 2021, as VLM2Vec trains) for the CAFe step: a contrastive batch larger
 than the activation memory holds, with the unchunked step's loss and gradient.
 
-1. Embed every chunk of examples without a graph and keep the embeddings.
+1. Embed every chunk of examples without a graph and keep the embeddings (the LM head runs
+   too, on the labelled tokens only: the price of one forward for both passes).
 2. Compute the step's objective on those embeddings as leaves (gathered across ranks, as
    `CafeModel.forward` does) and keep its gradient with respect to each embedding, to the LM
    loss, and to the loss's own learnable temperature (and bias).
@@ -52,9 +53,10 @@ def gradcache_step(model: CafeModel, chunks: list[PackedBatch], rank: int = 0, w
     if loss_fn.compute_contrastive_loss:
         for chunk in chunks:
             states.append(_rng_state(device))
-            emb = model.embed(chunk)  # no graph
-            queries.append(emb[: chunk.num_examples])
-            targets.append(emb[chunk.num_examples :])
+            with torch.no_grad():
+                out = model(chunk, rank, world_size, cached=CachedGrads())
+            queries.append(out.query)
+            targets.append(out.target)
     leaves = {
         "query": torch.cat(queries).requires_grad_() if queries else None,
         "target": torch.cat(targets).requires_grad_() if targets else None,
@@ -64,10 +66,11 @@ def gradcache_step(model: CafeModel, chunks: list[PackedBatch], rank: int = 0, w
     terms = loss_fn(lm_loss=leaves["lm"], query=leaves["query"], target=leaves["target"], rank=rank,
                     world_size=world_size)
     live = [name for name, leaf in leaves.items() if leaf is not None]
-    params = [p for p in loss_fn.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(terms.objective, [leaves[name] for name in live] + params, allow_unused=True)
+    params = {name: p for name, p in loss_fn.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(terms.objective, [leaves[name] for name in live] + list(params.values()),
+                                allow_unused=True)
     grad = dict(zip(live, grads))
-    param_grads = [(p, g) for p, g in zip(params, grads[len(live) :]) if g is not None]  # None: temperature unused
+    param_grads = [(name, g) for name, g in zip(params, grads[len(live) :]) if g is not None]  # None: unused
     sizes = [chunk.num_examples for chunk in chunks]
     query_grads = grad["query"].split(sizes) if "query" in grad else [None] * len(chunks)
     target_grads = grad["target"].split(sizes) if "target" in grad else [None] * len(chunks)

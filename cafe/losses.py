@@ -8,7 +8,7 @@ world size of 1 no collective call is made.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -86,28 +86,34 @@ class LossTerms:
     loss: torch.Tensor
     lm_loss: torch.Tensor | None
     con_loss: torch.Tensor | None
+    query: torch.Tensor | None = None  # a GradCache chunk's own embeddings (`CafeModel.forward(cached=...)`)
+    target: torch.Tensor | None = None
 
 
 @dataclass
 class CachedGrads:
     """GradCache's cached gradients for one chunk (`cafe.gradcache`): d objective / d the chunk's
     query and target embeddings, the factor of the chunk's mean LM loss in the full-batch
-    objective, and, on one chunk only, d objective / d each learnable parameter of the loss."""
+    objective, and, on one chunk only, d objective / d each learnable parameter of the loss, by
+    name (looked up on the module at use: ZeRO-3 fetches a partitioned parameter on attribute
+    access within the engine's forward, not through a reference kept from before). The empty
+    default is the first, graph-free pass, which wants only the embeddings."""
 
-    query: torch.Tensor | None
-    target: torch.Tensor | None
-    lm: torch.Tensor | float
-    params: list[tuple[nn.Parameter, torch.Tensor]]
+    query: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    lm: torch.Tensor | float = 0.0
+    params: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
-    def surrogate(self, lm_loss: torch.Tensor | None, query: torch.Tensor | None,
-                  target: torch.Tensor | None) -> torch.Tensor:
-        """Linear in the chunk's outputs with the cached gradients as coefficients: its backward
-        gives the chunk's share of the full-batch objective's gradient."""
-        pairs = [(query, self.query), (target, self.target), *self.params]
-        parts = [(x * g).sum() for x, g in pairs if x is not None]
+    def surrogate(self, lm_loss: torch.Tensor | None, query: torch.Tensor | None, target: torch.Tensor | None,
+                  loss: nn.Module) -> torch.Tensor:
+        """Linear in the chunk's outputs (and `loss`'s parameters) with the cached gradients as
+        coefficients: its backward gives the chunk's share of the full-batch objective's gradient."""
+        params = [(loss.get_parameter(name), g) for name, g in self.params]
+        pairs = [(query, self.query), (target, self.target), *params]
+        parts = [(x * g).sum().float() for x, g in pairs if g is not None]
         if lm_loss is not None:
             parts.append(self.lm * lm_loss)
-        return sum(parts)
+        return torch.stack(parts).sum() if parts else torch.zeros(())
 
 
 class CafeLoss(nn.Module):

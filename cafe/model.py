@@ -92,10 +92,12 @@ class CafeModel(nn.Module):
 
     def forward(self, batch: PackedBatch, rank: int = 0, world_size: int = 1, *,
                 cached: CachedGrads | None = None) -> LossTerms:
-        """The step's loss terms. With `cached` (GradCache's second pass, `cafe.gradcache`) the
-        batch is one chunk: `objective` and `loss` are the chunk's surrogate, `lm_loss` is the
-        chunk's own mean, and nothing is gathered. (A keyword here rather than another method:
-        under ZeRO-3 each backward must follow a forward through the engine.)"""
+        """The step's loss terms. With `cached` the batch is one GradCache chunk (`cafe.gradcache`):
+        nothing is gathered, `objective` (and `loss`) is the chunk's surrogate, `lm_loss` the
+        chunk's own mean, and `query` / `target` its embeddings. GradCache's passes come through
+        here, not through other methods, because under ZeRO-3 a parameter used outside its own
+        module's forward (`image_newline`) is fetched only within the engine's forward, and each
+        backward must follow such a forward for gradients to accumulate."""
         hidden = self.hidden_states(batch)
         lm = self.lm_loss(hidden, batch) if self.loss.compute_language_loss else None
         query = target = None
@@ -103,8 +105,8 @@ class CafeModel(nn.Module):
             emb = self.pool(hidden, batch)
             query, target = emb[: batch.num_examples], emb[batch.num_examples :]
         if cached is not None:
-            surrogate = cached.surrogate(lm, query, target)
-            return LossTerms(objective=surrogate, loss=surrogate, lm_loss=lm, con_loss=None)
+            surrogate = cached.surrogate(lm, query, target, self.loss)
+            return LossTerms(objective=surrogate, loss=surrogate, lm_loss=lm, con_loss=None, query=query, target=target)
         return self.loss(lm_loss=lm, query=query, target=target, rank=rank, world_size=world_size)
 
     @torch.no_grad()
