@@ -42,7 +42,7 @@ def gradcache_step(model: CafeModel, chunks: list[PackedBatch], rank: int = 0, w
 
     Args:
         model: a `CafeModel`, or a DeepSpeed engine around one (its attributes pass through, and
-            each chunk's graph forward then goes through the engine, as ZeRO-3 needs).
+            both passes over each chunk then go through the engine's forward, as ZeRO-3 needs).
         chunks: the local batch, a `PackedBatch` per run of examples (`chunked`), on the device.
         backward: called as `backward(objective, last)` once per chunk, `last` on the final one
             (where a DeepSpeed engine's gradient accumulation boundary goes).
