@@ -117,6 +117,9 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 0
     batch_size: int = 8  # per worker
+    # examples per GradCache chunk (cafe.gradcache): the contrastive batch outgrows activation
+    # memory, the gradient stays the full batch's; 0: the whole batch in one forward
+    gradcache_chunk: int = 0
     epochs: int = 1
     max_steps: int = 0  # 0: run the epochs out
     lr: float = 1e-3

@@ -8,7 +8,7 @@ world size of 1 no collective call is made.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -86,6 +86,34 @@ class LossTerms:
     loss: torch.Tensor
     lm_loss: torch.Tensor | None
     con_loss: torch.Tensor | None
+    query: torch.Tensor | None = None  # a GradCache chunk's own embeddings (`CafeModel.forward(cached=...)`)
+    target: torch.Tensor | None = None
+
+
+@dataclass
+class CachedGrads:
+    """GradCache's cached gradients for one chunk (`cafe.gradcache`): d objective / d the chunk's
+    query and target embeddings, the factor of the chunk's mean LM loss in the full-batch
+    objective, and, on one chunk only, d objective / d each learnable parameter of the loss, by
+    name (looked up on the module at use: ZeRO-3 fetches a partitioned parameter on attribute
+    access within the engine's forward, not through a reference kept from before). The empty
+    default is the first, graph-free pass, which wants only the embeddings."""
+
+    query: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    lm: torch.Tensor | float = 0.0
+    params: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+
+    def surrogate(self, lm_loss: torch.Tensor | None, query: torch.Tensor | None, target: torch.Tensor | None,
+                  loss: nn.Module) -> torch.Tensor:
+        """Linear in the chunk's outputs (and `loss`'s parameters) with the cached gradients as
+        coefficients: its backward gives the chunk's share of the full-batch objective's gradient."""
+        params = [(loss.get_parameter(name), g) for name, g in self.params]
+        pairs = [(query, self.query), (target, self.target), *params]
+        parts = [(x * g).sum().float() for x, g in pairs if g is not None]
+        if lm_loss is not None:
+            parts.append(self.lm * lm_loss)
+        return torch.stack(parts).sum() if parts else torch.zeros(())
 
 
 class CafeLoss(nn.Module):
@@ -104,15 +132,20 @@ class CafeLoss(nn.Module):
 
     def forward(self, *, lm_loss: torch.Tensor | None, query: torch.Tensor | None, target: torch.Tensor | None,
                 rank: int = 0, world_size: int = 1) -> LossTerms:
-        loss = objective = None
         con = None
+        if self.compute_contrastive_loss:
+            # The temperature (and bias) is replicated: each rank already gets its full gradient,
+            # so it is divided by world_size here to stay exact after the scaling in `combine`.
+            con = self.contrastive(gather_features(query, rank, world_size), gather_features(target, rank, world_size),
+                                   param_grad_scale=1.0 / world_size)
+        return self.combine(lm_loss, con, world_size)
+
+    def combine(self, lm_loss: torch.Tensor | None, con: torch.Tensor | None, world_size: int = 1) -> LossTerms:
+        """The weighted terms from values already computed (GradCache reports the full batch this way)."""
+        loss = objective = None
         if self.compute_language_loss:
             loss = objective = self.alpha_lm * lm_loss
         if self.compute_contrastive_loss:
-            # The temperature (and bias) is replicated: each rank already gets its full gradient,
-            # so it is divided by world_size here to stay exact after the scaling below.
-            con = self.contrastive(gather_features(query, rank, world_size), gather_features(target, rank, world_size),
-                                   param_grad_scale=1.0 / world_size)
             weighted = self.con_weight * con
             # Every rank holds the full global contrastive loss but only its own samples'
             # gradient; data-parallel averaging divides by world_size, so scale it back up.

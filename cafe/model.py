@@ -15,7 +15,7 @@ from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 from cafe.attention import route_packed_attention
 from cafe.batch import PackedBatch
-from cafe.losses import CafeLoss, LossTerms
+from cafe.losses import CachedGrads, CafeLoss, LossTerms
 from cafe.prompts import IGNORE_INDEX
 
 # the research code's mm_tunable_parts, as parameter-name prefixes of LlavaOnevisionForConditionalGeneration
@@ -108,13 +108,23 @@ class CafeModel(nn.Module):
         logits = self.vlm.lm_head(hidden[labelled])
         return F.cross_entropy(logits.float(), batch.lm_targets[labelled])
 
-    def forward(self, batch: PackedBatch, rank: int = 0, world_size: int = 1) -> LossTerms:
+    def forward(self, batch: PackedBatch, rank: int = 0, world_size: int = 1, *,
+                cached: CachedGrads | None = None) -> LossTerms:
+        """The step's loss terms. With `cached` the batch is one GradCache chunk (`cafe.gradcache`):
+        nothing is gathered, `objective` (and `loss`) is the chunk's surrogate, `lm_loss` the
+        chunk's own mean, and `query` / `target` its embeddings. GradCache's passes come through
+        here, not through other methods, because under ZeRO-3 a parameter used outside its own
+        module's forward (`image_newline`) is fetched only within the engine's forward, and each
+        backward must follow such a forward for gradients to accumulate."""
         hidden = self.hidden_states(batch)
         lm = self.lm_loss(hidden, batch) if self.loss.compute_language_loss else None
         query = target = None
         if self.loss.compute_contrastive_loss:
             emb = self.pool(hidden, batch)
             query, target = emb[: batch.num_examples], emb[batch.num_examples :]
+        if cached is not None:
+            surrogate = cached.surrogate(lm, query, target, self.loss)
+            return LossTerms(objective=surrogate, loss=surrogate, lm_loss=lm, con_loss=None, query=query, target=target)
         return self.loss(lm_loss=lm, query=query, target=target, rank=rank, world_size=world_size)
 
     @torch.no_grad()

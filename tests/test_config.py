@@ -134,3 +134,10 @@ def test_flat_dict_has_dotted_leaf_keys():
     assert all(not isinstance(value, dict) for value in flat.values())
     # every leaf of the YAML view appears once, under its dotted path
     assert set(flat) == set(leaves(yaml.safe_load(to_yaml(config))))
+
+
+def test_gradcache_chunk_defaults_to_one_forward_and_takes_an_int():
+    assert load_config().train.gradcache_chunk == 0
+    assert load_config(None, ["train.gradcache_chunk=2"]).train.gradcache_chunk == 2
+    with pytest.raises(ConfigError, match="train.gradcache_chunk"):
+        load_config(None, ["train.gradcache_chunk=half"])
