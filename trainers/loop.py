@@ -19,6 +19,7 @@ import torch.distributed as dist
 from cafe.batch import Collator, PackedBatch
 from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
+from cafe.gradcache import chunked, gradcache_step
 from cafe.inference import InferenceModel
 from cafe.losses import CafeLoss, ContrastiveLoss
 from cafe.model import CafeModel, load_vlm, set_tunable_parts
@@ -135,9 +136,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     evaluate = _in_training_evaluation(cfg, engine.module, processor, rank, world, RunRef(tracking_uri, run_id))
     progress = Progress(total_steps, samples_per_step=cfg.train.batch_size * world)
 
-    def prepare(rows) -> PackedBatch:  # on the prefetch thread: decoding, templating, packing
+    def prepare(rows) -> list[PackedBatch]:  # on the prefetch thread: decoding, templating, packing
         examples = [example_from_row(r, multimodal_input=cfg.loss.multimodal_input) for r in rows.to_pylist()]
-        return collator(examples)
+        return [collator(chunk) for chunk in chunked(examples, cfg.train.gradcache_chunk)]
+
+    def backward_chunk(objective: torch.Tensor, last: bool) -> None:
+        # GradCache backs up one chunk at a time: the engine reduces and steps only after the last
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(objective)
 
     while step < total_steps:
         steps_before = step
@@ -145,12 +151,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      prefetch_batches=2)
         for packed, waited in prefetched(batches, prepare):
             started = time.perf_counter()
-            batch = packed.to(device, dtype)
-            terms = engine(batch, rank=rank, world_size=world)
-            engine.backward(terms.objective)
+            chunks = [chunk.to(device, dtype) for chunk in packed]
+            if len(chunks) > 1:  # a contrastive batch beyond memory (train.gradcache_chunk)
+                terms = gradcache_step(engine, chunks, rank, world, backward=backward_chunk)
+            else:
+                terms = engine(chunks[0], rank=rank, world_size=world)
+                engine.backward(terms.objective)
             engine.step()
             step += 1
-            progress.add(waited=waited, busy=time.perf_counter() - started, tokens=int((batch.unit >= 0).sum()))
+            tokens = sum(int((chunk.unit >= 0).sum()) for chunk in chunks)
+            progress.add(waited=waited, busy=time.perf_counter() - started, tokens=tokens)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 last_metrics = {**_loss_metrics(terms, engine, model, world), **progress.interval_metrics(world)}
                 if rank == 0:
