@@ -33,6 +33,7 @@ from trainers.prefetch import prefetched
 from trainers.progress import Progress
 from trainers.tracking import log_metrics
 
+PROGRESS_LOG = logging.getLogger("cafe.train")
 HF_EXPORT_DIR = "hf"  # inside every reported checkpoint: a from_pretrained-ready model
 DEEPSPEED_DIR = "deepspeed"  # engine + optimizer state, for resuming
 STATE_FILE = "cafe_state.json"
@@ -165,7 +166,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 last_metrics = {**_loss_metrics(terms, engine, model, world), **progress.interval_metrics(world)}
                 if rank == 0:
                     log_metrics(tracking_uri, run_id, last_metrics, step=step)
-                    print(progress.line(step, last_metrics), flush=True)
+                    # a log record, not print: Ray Train turns a worker's print into a record too,
+                    # and the console shows a print twice (stdout and the record)
+                    PROGRESS_LOG.info(progress.line(step, last_metrics))
             if evaluate and (step % cfg.eval.every_steps == 0 or step == total_steps):
                 last_metrics = {**last_metrics, **evaluate(step)}
                 progress.skip_interval()  # scoring time is not training throughput
