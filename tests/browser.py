@@ -55,7 +55,7 @@ class _Reader(HTMLParser):
 
 
 def render(target: str | Path, *, screenshot: Path | None = None, budget_ms: int = 20_000,
-           timeout_s: float = 240) -> Page:
+           timeout_s: float = 120) -> Page:
     """Load `target` (a URL or a file), let its scripts run for `budget_ms` of virtual time (which
     stands still while requests are pending, so a slow server only costs wall time) and read the DOM.
 
@@ -66,7 +66,10 @@ def render(target: str | Path, *, screenshot: Path | None = None, budget_ms: int
         raise FileNotFoundError(f"none of {', '.join(BINARIES)} on PATH; `make chromium` installs it")
     url = Path(target).resolve().as_uri() if isinstance(target, Path) else target
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:  # no shared or left-over profile
-        command = [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        # no WebGL (MLflow's plots would draw it in software: CPU the text does not need), no traffic
+        # of Chromium's own (nothing outside answers here)
+        command = [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-3d-apis",
+                   "--disable-background-networking", "--disable-component-update", "--no-first-run",
                    f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--window-size=1600,1200",
                    "--dump-dom", url]
         if screenshot is not None:
