@@ -7,7 +7,7 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo lint test test-fast clean
+.PHONY: install chromium demo lint test test-fast clean
 
 install: $(STAMP)
 
@@ -20,6 +20,15 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# Debian's chromium for the browser tests (tests/browser.py); only when none is on PATH. Needs root.
+# The package lists are refreshed when they lack chromium or are too old to fetch it.
+APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { apt-cache policy chromium | grep -q 'Candidate: [0-9]' && $(APT_CHROMIUM); } || \
+	  { apt-get update -q && $(APT_CHROMIUM); }
+	@echo "chromium: $$(command -v chromium || command -v chromium-browser)"
 
 demo: install
 	$(BIN)/cafe demo --config configs/demo.yaml
