@@ -6,6 +6,7 @@ the base language model (attention computed unit by unit, `cafe.attention`), and
 logits are computed only where labels exist."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,6 +18,14 @@ from cafe.attention import route_packed_attention
 from cafe.batch import PackedBatch
 from cafe.losses import CachedGrads, CafeLoss, LossTerms
 from cafe.prompts import IGNORE_INDEX
+
+
+def claim_cpus(cpus: float) -> None:
+    """Size torch's intra-op thread pool to the CPUs a Ray worker was granted. Torch sizes it by
+    the machine's cores when it is imported before Ray sets OMP_NUM_THREADS, and two workers on
+    two cores then run four busy threads and wait on each other."""
+    torch.set_num_threads(max(1, math.floor(cpus)))
+
 
 # the research code's mm_tunable_parts, as parameter-name prefixes of LlavaOnevisionForConditionalGeneration
 TUNABLE_PARTS = {

@@ -12,6 +12,7 @@ import ray
 import torch.distributed as dist
 
 from cafe.inference import InferenceModel
+from cafe.model import claim_cpus
 from evaluation.requests import Answers, Request, answer
 
 Backend = Callable[[list[Request]], Answers]
@@ -56,7 +57,8 @@ def in_process(model: InferenceModel) -> Backend:
 class AnswerWorker:
     """Holds one model; answers chunks of requests. Reloads only when the checkpoint changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: float) -> None:
+        claim_cpus(cpus)
         self.model: InferenceModel | None = None
         self.loaded: tuple | None = None
 
@@ -76,7 +78,7 @@ class ActorPool:
     def __init__(self, *, num_actors: int = 1, cpus_per_actor: float = 1.0, use_gpu: bool = False) -> None:
         self.use_gpu = use_gpu
         worker = AnswerWorker.options(num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)
-        self.actors = [worker.remote() for _ in range(num_actors)]
+        self.actors = [worker.remote(cpus_per_actor) for _ in range(num_actors)]
 
     def backend(self, checkpoint: str, *, batch_size: int = 32, emb_type: str = "last") -> Backend:
         device = "cuda" if self.use_gpu else "cpu"

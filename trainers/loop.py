@@ -22,7 +22,7 @@ from cafe.config import ExperimentConfig, config_from_dict
 from cafe.gradcache import chunked, gradcache_step
 from cafe.inference import InferenceModel
 from cafe.losses import CafeLoss, ContrastiveLoss
-from cafe.model import CafeModel, load_vlm, set_tunable_parts
+from cafe.model import CafeModel, claim_cpus, load_vlm, set_tunable_parts
 from cafe.records import example_from_row
 from evaluation.backends import training_workers
 from evaluation.run import RunRef, log_scorecard
@@ -105,6 +105,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     deepspeed_logger.setLevel(logging.WARNING)  # its per-engine INFO lines would bury the progress line
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if not cfg.train.use_gpu:
+        claim_cpus(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed + rank)
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if cfg.train.use_gpu else torch.float32
