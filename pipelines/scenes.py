@@ -382,6 +382,8 @@ def sample_qa(scene: Scene, rng: random.Random, builders: tuple[QABuilder, ...] 
 
 
 QUESTION_FIRST = 0.25  # share of conversations that open with a question about the image, as VQA data does
+# LLaVA's instruction for short-answer questions in its training data (lmms-eval's POPE prompt ends with it too)
+SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
 def conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
@@ -394,7 +396,7 @@ def conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
         qa = sample_qa(scene, rng)
         if qa.question not in asked:
             asked.add(qa.question)
-            exchanges.append((qa.question, qa.answer))
+            exchanges.append((f"{qa.question}\n{SHORT_ANSWER}", qa.answer))
     if rng.random() < QUESTION_FIRST:
         exchanges[0], exchanges[1] = exchanges[1], exchanges[0]
     turns = []
@@ -705,6 +707,7 @@ def scene_corpus(*, num_scenes: int = 300, seed: int = 0) -> Iterator[str]:
     and one question of every type.
     """
     yield from DESCRIBE_PROMPTS
+    yield SHORT_ANSWER
     for qry_inst, tgt_inst in MMEB_INSTRUCTIONS.values():
         yield qry_inst
         yield tgt_inst

@@ -25,6 +25,7 @@ from pipelines.scenes import (
     KINDS,
     MMEB_INSTRUCTIONS,
     POSITIONS,
+    SHORT_ANSWER,
     Scene,
     Shape,
     caption,
@@ -209,7 +210,9 @@ def test_onevision_layout_and_conversations(dataset):
         assert turns[describe[0] + 1]["value"] in _all_captions(scene)
         for question, answer in zip(turns[0::2], turns[1::2]):
             if question is not turns[describe[0]]:
-                assert answer["value"] == oracle(scene, question["value"].removeprefix("<image>\n"))
+                text = question["value"].removeprefix("<image>\n")
+                assert text.endswith(f"\n{SHORT_ANSWER}")
+                assert answer["value"] == oracle(scene, text.removesuffix(f"\n{SHORT_ANSWER}"))
     assert 0 < question_first < len(rows) / 2  # about a quarter open with a question
 
 
