@@ -7,7 +7,7 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install chromium demo lint test test-fast clean
+.PHONY: install chromium demo lint test test-fast test-gpu clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest tests -q -m "not slow"
+
+# the CUDA path on a machine with a GPU (DS_ACCELERATOR=cuda); skipped elsewhere
+test-gpu: install
+	DS_ACCELERATOR=cuda $(BIN)/pytest tests -q -m gpu
 
 clean:
 	rm -rf runs mlflow.db mlruns .pytest_cache

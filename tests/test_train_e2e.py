@@ -11,6 +11,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from cafe.config import load_config
 from cluster import jobs
+from cluster.session import init_ray
 from evaluation.run import evaluate_checkpoint
 from trainers.run import build_trainer
 
@@ -32,11 +33,10 @@ def prepared(tmp_path_factory):
         f"output_dir={root}/out", f"model.checkpoint={root}/base", "model.pretrain_config=", f"data.raw_dir={root}/raw",
         f"data.train_dir={root}/train", f"data.quarantine_dir={root}/quarantine", f"data.eval_dir={root}/raw/eval",
         "data.dataset_yaml=configs/datasets/scenes.yaml", "data.scenes.train_images=64", "data.scenes.eval_images=16",
-        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", "train.batch_size=4",
+        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", "train.batch_size=4", "train.log_every=1",
     ]
     cfg = load_config("configs/demo.yaml", overrides)
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1")
+    init_ray(cfg)  # as `cafe` starts it: dashboard on 127.0.0.1 and the cluster's address recorded for Train
     jobs.prepare_scenes(cfg)
     jobs.ensure_checkpoint(cfg)
     summary = jobs.run_data(cfg)
