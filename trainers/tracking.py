@@ -51,14 +51,14 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, *, run_n
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     query = f"tags.`{RUN_KEY_TAG}` = '{run_key}'"
     existing = client.search_runs([experiment_id], filter_string=query, max_results=1)
-    tags = {RUN_KEY_TAG: run_key}
+    identity = {RUN_KEY_TAG: run_key}
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+        identity["mlflow.parentRunId"] = parent_run_id
     if existing:
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
-        run_id = client.create_run(experiment_id, run_name=run_name or run_key, tags=tags).info.run_id
+        run_id = client.create_run(experiment_id, run_name=run_name or run_key, tags=identity).info.run_id
     for key, value in (tags or {}).items():  # this launch's provenance (a resumed run shows its latest)
         client.set_tag(run_id, key, value)
     if params:
