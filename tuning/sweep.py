@@ -88,14 +88,15 @@ def trial_config(base: ExperimentConfig, sampled: dict, trial_id: str, name: str
                                tracking=dataclasses.replace(cfg.tracking, run_name=label))
 
 
-def run_trial(values: dict, *, base: dict, name: str, parent_run_id: str, storage_path: str) -> None:
+def run_trial(values: dict, *, base: dict, name: str, parent_run_id: str, storage_path: str,
+              tags: dict[str, str]) -> None:
     """One trial: the sampled values set into the base config, its own child MLflow run, and a
     TorchTrainer whose reports reach Tune through `ObjectiveReport`."""
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config_from_dict(base), values, trial_id, name)
     run_id = get_or_create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_key=cfg.name,
                                run_name=cfg.tracking.run_name, parent_run_id=parent_run_id, params=to_flat_dict(cfg),
-                               tags=provenance_tags())
+                               tags=tags)
     client = MlflowClient(cfg.tracking.tracking_uri)
     client.set_tag(run_id, SWEEP_TAG, name)
     if ARM in values:
@@ -125,14 +126,15 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
     name = sweep_name(cfg)
     tracking_uri = cfg.tracking.tracking_uri
     params = {f"tune.{k}": v for k, v in to_flat_dict(cfg.tune).items()}
+    tags = provenance_tags()  # the driver's: a trial's process has no job submission of its own
     parent = get_or_create_run(tracking_uri, cfg.tracking.experiment, run_key=name, run_name=name, params=params,
-                               tags=provenance_tags())
+                               tags=tags)
     MlflowClient(tracking_uri).set_tag(parent, SWEEP_TAG, name)
     storage = join(cfg.output_dir, "sweeps")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=dataclasses.asdict(cfg), name=name, parent_run_id=parent,
-                             storage_path=join(storage, name, "train")),
+                             storage_path=join(storage, name, "train"), tags=tags),
         {"cpu": TRIAL_CPU})
     path = f"{storage}/{name}"
     max_steps = planned_steps(training_rows(cfg.data.train_dir), cfg)
