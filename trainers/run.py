@@ -74,7 +74,6 @@ def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None 
     total_steps = check_training_inputs(cfg)
     dataset = ray.data.read_parquet(cfg.data.train_dir)
     dataset.context.enable_progress_bars = False  # the loop's own progress line says how training goes
-    dataset.context.execution_options.preserve_order = True  # the same rows in the same order on every launch
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "total_steps": total_steps,
