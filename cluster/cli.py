@@ -73,25 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as err:
             print(f"cafe eval: {err}", file=sys.stderr)
             return 2
-    if args.command == "sweep":
-        from tuning.sweep import check_sweep
-
-        try:
-            check_sweep(cfg)
-        except ConfigError as err:
-            print(f"cafe sweep: {err}", file=sys.stderr)
-            return 2
-    if args.command == "train":
-        from trainers.run import InputError, check_training_inputs
-
-        try:
-            check_training_inputs(cfg)
-        except InputError as err:
-            print(f"cafe train: {err}", file=sys.stderr)
-            return 2
-    if args.command == "pretrain" and not cfg.model.pretrain_config:
-        print("cafe pretrain: model.pretrain_config is empty; set it to a stage config such as configs/base.yaml",
-              file=sys.stderr)
+    try:
+        check_inputs(args.command, cfg)
+    except ValueError as err:  # ConfigError and InputError: the user's to fix
+        print(f"cafe {args.command}: {err}", file=sys.stderr)
         return 2
     init_ray(cfg, args.address)
     if args.command == "pretrain":
@@ -109,6 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(jobs.run_eval(cfg, checkpoint, tasks=tasks, step=args.step), indent=2))
         print(f"report: {Path(cfg.output_dir) / 'scorecard'}")
     return 0
+
+
+def check_inputs(command: str, cfg) -> None:
+    """What a command needs that can be checked before Ray or MLflow start (raises ValueError)."""
+    if command == "sweep":
+        from tuning.sweep import check_sweep
+
+        check_sweep(cfg)
+    elif command == "train":
+        from trainers.run import check_training_inputs
+
+        check_training_inputs(cfg)
+    elif command == "pretrain" and not cfg.model.pretrain_config:
+        raise ValueError("model.pretrain_config is empty; set it to a stage config such as configs/base.yaml")
 
 
 def print_demo(result: dict) -> None:

@@ -139,9 +139,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     evaluate = _in_training_evaluation(cfg, engine.module, processor, rank, world, RunRef(tracking_uri, run_id))
     progress = Progress(total_steps, samples_per_step=cfg.train.batch_size * world)
 
-    def prepare(rows) -> list[PackedBatch]:  # on the prefetch thread: decoding, templating, packing
+    def prepare(rows) -> tuple[list[PackedBatch], int]:  # on the prefetch thread: decoding, templating, packing
         examples = [example_from_row(r, multimodal_input=cfg.loss.multimodal_input) for r in rows.to_pylist()]
-        return [collator(chunk) for chunk in chunked(examples, cfg.train.gradcache_chunk)]
+        chunks = [collator(chunk) for chunk in chunked(examples, cfg.train.gradcache_chunk)]
+        return chunks, sum(int((chunk.unit >= 0).sum()) for chunk in chunks)  # counted here: no device sync
 
     def backward_chunk(objective: torch.Tensor, last: bool) -> None:
         # GradCache backs up one chunk at a time: the engine reduces and steps only after the last
@@ -152,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         steps_before = step
         batches = shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True,
                                      prefetch_batches=2)
-        for packed, waited in prefetched(batches, prepare):
+        for (packed, tokens), waited in prefetched(batches, prepare):
             started = time.perf_counter()
             chunks = [chunk.to(device, dtype) for chunk in packed]
             if len(chunks) > 1:  # a contrastive batch beyond memory (train.gradcache_chunk)
@@ -162,7 +163,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 engine.backward(terms.objective)
             engine.step()
             step += 1
-            tokens = sum(int((chunk.unit >= 0).sum()) for chunk in chunks)
             progress.add(waited=waited, busy=time.perf_counter() - started, tokens=tokens)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 last_metrics = {**_loss_metrics(terms, engine, model, world), **progress.interval_metrics(world)}
