@@ -91,6 +91,7 @@ class Collator:
         self.with_lm = compute_language_loss
         self.with_con = compute_contrastive_loss
         self.max_text_tokens = max_text_tokens
+        self.truncated = 0  # sequences cut to max_text_tokens so far (the loop reports them)
 
     def encode_images(self, groups: list[list[Image.Image]]) -> tuple[dict | None, list[int]]:
         flat = [img for group in groups for img in group]
@@ -118,8 +119,8 @@ class Collator:
                 query_text = ex.query_text
                 if not own and not query_text:  # a text-only row: its user turn is the query
                     query_text = strip_image_tokens(next(m["content"] for m in ex.messages if m["role"] == "user"))
-                entry["query"] = encode_embedding_prompt(self.tokenizer, query_text, own)
-                entry["target"] = encode_embedding_prompt(self.tokenizer, ex.target_text, tgt)
+                entry["query"] = self._embedding_prompt(query_text, own)
+                entry["target"] = self._embedding_prompt(ex.target_text, tgt)
             seqs.append(entry)
         return self._finish(groups, seqs)
 
@@ -139,12 +140,37 @@ class Collator:
                     for entry in seqs]
         if self.max_text_tokens:
             for entry in expanded:
-                for name, (_ids, _, owner) in entry.items():
-                    text_tokens = sum(1 for o in owner if o < 0)
-                    if text_tokens > self.max_text_tokens:
-                        raise ValueError(f"{name} has {text_tokens} text tokens, "
-                                         f"over max_text_tokens={self.max_text_tokens}")
+                if "conversation" in entry:
+                    entry["conversation"] = self._cut_conversation(*entry["conversation"])
         return self._pack(expanded, image_inputs, per_image)
+
+    def _cut_conversation(self, ids: list[int], labels: list[int], owner: list[int]) -> tuple[list, list, list]:
+        """A conversation past max_text_tokens loses its tail (the research code's model_max_length
+        truncation, counted in text tokens so an image's features stay whole)."""
+        text = 0
+        for end, who in enumerate(owner):
+            text += who < 0
+            if text > self.max_text_tokens:
+                self.truncated += 1
+                return ids[:end], labels[:end], owner[:end]
+        return ids, labels, owner
+
+    def _embedding_prompt(self, text: str | None, slots: list[int]) -> Sequence:
+        """An embedding prompt whose text is cut until the prompt fits max_text_tokens."""
+        seq = encode_embedding_prompt(self.tokenizer, text, slots)
+        excess = self._text_tokens(seq) - self.max_text_tokens if self.max_text_tokens else 0
+        if excess <= 0:
+            return seq
+        self.truncated += 1
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        while excess > 0 and ids:  # re-encoding cut text can merge differently: cut until it fits
+            ids = ids[: max(0, len(ids) - excess)]
+            seq = encode_embedding_prompt(self.tokenizer, self.tokenizer.decode(ids) or None, slots)
+            excess = self._text_tokens(seq) - self.max_text_tokens
+        return seq
+
+    def _text_tokens(self, seq: Sequence) -> int:
+        return sum(1 for t in seq.ids if t != self.image_token_id)
 
     def _pack(self, expanded, image_inputs, per_image) -> PackedBatch:
         offsets = [0]

@@ -120,6 +120,10 @@ class TrainConfig:
     # examples per GradCache chunk (cafe.gradcache): the contrastive batch outgrows activation
     # memory, the gradient stays the full batch's; 0: the whole batch in one forward
     gradcache_chunk: int = 0
+    # micro-batches per optimizer step (cafe.accumulation): batch_size rows split into this many
+    # forwards, each its own contrastive batch; the LM term equals the unsplit batch's
+    grad_accum_steps: int = 1
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state in host memory (DeepSpeed offload)
     epochs: int = 1
     max_steps: int = 0  # 0: run the epochs out
     lr: float = 1e-3

@@ -31,12 +31,12 @@ def chunked(examples: list, size: int) -> list[list]:
     return [examples[i : i + size] for i in range(0, len(examples), size)]
 
 
-def _plain_backward(objective: torch.Tensor, last: bool) -> None:
+def plain_backward(objective: torch.Tensor, last: bool) -> None:
     objective.backward()
 
 
 def gradcache_step(model: CafeModel, chunks: list[PackedBatch], rank: int = 0, world_size: int = 1, *,
-                   backward: Callable[[torch.Tensor, bool], object] = _plain_backward) -> LossTerms:
+                   backward: Callable[[torch.Tensor, bool], object] = plain_backward) -> LossTerms:
     """Back-propagate the CAFe step of the local batch `chunks` (split by examples), chunk by
     chunk, and return its terms for logging, detached, as `CafeModel.forward` would.
 

@@ -1,4 +1,4 @@
-"""The per-worker training loop: stream this worker's shard, run the CAFe step under DeepSpeed,
+"""The per-worker training loop: read this rank's batches (trainers.shards), run the CAFe step under DeepSpeed,
 log from rank 0, report checkpoints to Ray Train (HF export + DeepSpeed state for resume)."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from cafe.accumulation import accumulated_step
 from cafe.batch import Collator, PackedBatch
 from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
@@ -31,12 +32,14 @@ from evaluation.suites import prepare_tasks
 from trainers.deepspeed_config import deepspeed_config
 from trainers.prefetch import prefetched
 from trainers.progress import Progress
+from trainers.shards import DataOrder
 from trainers.tracking import log_metrics
 
 PROGRESS_LOG = logging.getLogger("cafe.train")
 HF_EXPORT_DIR = "hf"  # inside every reported checkpoint: a from_pretrained-ready model
 DEEPSPEED_DIR = "deepspeed"  # engine + optimizer state, for resuming
 STATE_FILE = "cafe_state.json"
+RNG_FILE = "rng_rank{rank}.pt"  # each rank's random state (dropout), so a resumed step draws what it would have
 
 
 def lr_lambda(warmup: int, total: int):
@@ -128,62 +131,92 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with resume.as_directory() as ckpt:
             engine.load_checkpoint(str(Path(ckpt) / DEEPSPEED_DIR))
             step = json.loads((Path(ckpt) / STATE_FILE).read_text())["step"]
+            _restore_rng(Path(ckpt) / RNG_FILE.format(rank=rank), device)
 
     collator = Collator(processor, compute_language_loss=cfg.loss.compute_language_loss,
                         compute_contrastive_loss=cfg.loss.compute_contrastive_loss,
                         max_text_tokens=cfg.data.max_text_tokens)
-    shard = ray.train.get_dataset_shard("train")
+    order = DataOrder.for_training(cfg.data.train_dir, world, cfg.train.batch_size, cfg.train.seed)
     tracking_uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
     last_metrics: dict[str, float] = {}
     checkpoint_every = loop_config["checkpoint_every"]
     evaluate = _in_training_evaluation(cfg, engine.module, processor, rank, world, RunRef(tracking_uri, run_id))
     progress = Progress(total_steps, samples_per_step=cfg.train.batch_size * world)
+    split = cfg.train.gradcache_chunk or (cfg.train.batch_size // cfg.train.grad_accum_steps)
+    step_fn = partial(accumulated_step if cfg.train.grad_accum_steps > 1 else gradcache_step, engine, rank=rank,
+                      world_size=world, backward=partial(_backward_part, engine))
 
-    def prepare(rows) -> tuple[list[PackedBatch], int]:  # on the prefetch thread: decoding, templating, packing
+    def prepare(rows) -> tuple[list[PackedBatch], int, int]:  # on the prefetch thread: decoding, templating, packing
         examples = [example_from_row(r, multimodal_input=cfg.loss.multimodal_input) for r in rows.to_pylist()]
-        chunks = [collator(chunk) for chunk in chunked(examples, cfg.train.gradcache_chunk)]
-        return chunks, sum(int((chunk.unit >= 0).sum()) for chunk in chunks)  # counted here: no device sync
+        before = collator.truncated
+        parts = [collator(part) for part in chunked(examples, split)]
+        tokens = sum(int((part.unit >= 0).sum()) for part in parts)  # counted here: no device sync
+        return parts, tokens, collator.truncated - before
 
-    def backward_chunk(objective: torch.Tensor, last: bool) -> None:
-        # GradCache backs up one chunk at a time: the engine reduces and steps only after the last
-        engine.set_gradient_accumulation_boundary(last)
-        engine.backward(objective)
-
-    while step < total_steps:
-        steps_before = step
-        batches = shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True,
-                                     prefetch_batches=2)
-        for (packed, tokens), waited in prefetched(batches, prepare):
-            started = time.perf_counter()
-            chunks = [chunk.to(device, dtype) for chunk in packed]
-            if len(chunks) > 1:  # a contrastive batch beyond memory (train.gradcache_chunk)
-                terms = gradcache_step(engine, chunks, rank, world, backward=backward_chunk)
-            else:
-                terms = engine(chunks[0], rank=rank, world_size=world)
-                engine.backward(terms.objective)
-            engine.step()
-            step += 1
-            progress.add(waited=waited, busy=time.perf_counter() - started, tokens=tokens)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                last_metrics = {**_loss_metrics(terms, engine, model, world), **progress.interval_metrics(world)}
-                if rank == 0:
-                    log_metrics(tracking_uri, run_id, last_metrics, step=step)
-                    # a log record, not print: Ray Train turns a worker's print into a record too,
-                    # and the console shows a print twice (stdout and the record)
-                    PROGRESS_LOG.info(progress.line(step, last_metrics))
-            if evaluate and (step % cfg.eval.every_steps == 0 or step == total_steps):
-                last_metrics = {**last_metrics, **evaluate(step)}
-                progress.skip_interval()  # scoring time is not training throughput
-                if step < total_steps:  # the final scores travel with the final checkpoint's report
-                    ray.train.report({**last_metrics, "step": step})
-            if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
-                _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=False)
-                progress.skip_interval()
-            if step >= total_steps:
-                break
-        if step == steps_before:
-            raise RuntimeError(f"worker {rank} got no full batch of {cfg.train.batch_size} rows from its shard")
+    failure_hook = _failure_hook(loop_config, rank)
+    batches = order.batches(rank, start_step=step) if step < total_steps else iter(())  # resumed at the end
+    for (packed, tokens, truncated), waited in prefetched(batches, prepare):
+        started = time.perf_counter()
+        parts = [part.to(device, dtype) for part in packed]
+        if len(parts) > 1:  # micro-batches, or GradCache chunks of a contrastive batch beyond memory
+            terms = step_fn(parts)
+        else:
+            terms = engine(parts[0], rank=rank, world_size=world)
+            engine.backward(terms.objective)
+        logging_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
+        norm = _unclipped_grad_norm(engine) if logging_step else None
+        engine.step()
+        step += 1
+        progress.add(waited=waited, busy=time.perf_counter() - started, tokens=tokens, truncated=truncated)
+        if logging_step:
+            last_metrics = {**_loss_metrics(terms, engine, model, world, norm), **progress.interval_metrics(world)}
+            if rank == 0:
+                log_metrics(tracking_uri, run_id, last_metrics, step=step)
+                # a log record, not print: Ray Train turns a worker's print into a record too,
+                # and the console shows a print twice (stdout and the record)
+                level = logging.WARNING if last_metrics.get("train/truncated_in_interval") else logging.INFO
+                PROGRESS_LOG.log(level, progress.line(step, last_metrics))
+        if evaluate and (step % cfg.eval.every_steps == 0 or step == total_steps):
+            last_metrics = {**last_metrics, **evaluate(step)}
+            progress.skip_interval()  # scoring time is not training throughput
+            if step < total_steps:  # the final scores travel with the final checkpoint's report
+                ray.train.report({**last_metrics, "step": step})
+        if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+            _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=False)
+            progress.skip_interval()
+        failure_hook(step)
+        if step >= total_steps:
+            break
     _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=True)
+
+
+def _backward_part(engine, objective: torch.Tensor, last: bool) -> None:
+    """One micro-batch's or GradCache chunk's backward: the engine reduces and steps only after the last."""
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(objective)
+
+
+def _unclipped_grad_norm(engine) -> torch.Tensor | None:
+    """The global gradient norm before clipping, where DeepSpeed does not keep it (ZeRO-0 in
+    float32: the gradients are already averaged across ranks here, so the local norm is global)."""
+    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
+        return None  # DeepSpeed's optimizer records it during engine.step()
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+
+
+def _failure_hook(loop_config: dict, rank: int):
+    """For fault-tolerance tests: `fail_at_step` ends this worker's process abruptly once, on
+    the last rank, right after that step (a marker file keeps the restarted attempt alive)."""
+    fail_at, marker = loop_config.get("fail_at_step"), loop_config.get("fail_marker")
+
+    def check(step: int) -> None:
+        if fail_at and step == fail_at and rank == ray.train.get_context().get_world_size() - 1 \
+                and not Path(marker).exists():
+            Path(marker).write_text(f"worker {rank} ended at step {step}\n")
+            os._exit(1)
+
+    return check
 
 
 def _in_training_evaluation(cfg: ExperimentConfig, model: CafeModel, processor, rank: int, world: int, run: RunRef):
@@ -212,7 +245,7 @@ def _in_training_evaluation(cfg: ExperimentConfig, model: CafeModel, processor, 
     return evaluate
 
 
-def _loss_metrics(terms, engine, model: CafeModel, world: int) -> dict[str, float]:
+def _loss_metrics(terms, engine, model: CafeModel, world: int, grad_norm: torch.Tensor | None) -> dict[str, float]:
     values = torch.stack([t.detach().float() if t is not None else torch.tensor(float("nan"))
                           for t in (terms.loss, terms.lm_loss, terms.con_loss)]).cpu()
     if world > 1:  # the LM loss is a per-rank mean: average it (contrastive is global already)
@@ -220,11 +253,30 @@ def _loss_metrics(terms, engine, model: CafeModel, world: int) -> dict[str, floa
         values /= world
     metrics = {"train/loss": values[0].item(), "train/lr": engine.get_lr()[0],
                "train/temperature": model.loss.contrastive.temperature}
+    norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
+    if norm is not None:
+        metrics["train/grad_norm"] = float(norm)
     if terms.lm_loss is not None:
         metrics["train/lm_loss"] = values[1].item()
     if terms.con_loss is not None:
         metrics["train/con_loss"] = values[2].item()
     return metrics
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(path: Path, device: torch.device) -> None:
+    if not path.exists():  # a checkpoint from another world size: this rank's stream starts afresh
+        return
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _report_checkpoint(engine, model, processor, cfg: ExperimentConfig, rank: int, step: int, metrics: dict,
@@ -234,6 +286,7 @@ def _report_checkpoint(engine, model, processor, cfg: ExperimentConfig, rank: in
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag="state")
+        torch.save(_rng_state(engine.device), tmp / RNG_FILE.format(rank=rank))
         if export:
             export_hf(engine, model, processor, tmp / HF_EXPORT_DIR, cfg.train.zero_stage, rank)
         if rank == 0:

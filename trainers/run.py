@@ -3,47 +3,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pyarrow
-import pyarrow.dataset
 import pyarrow.fs
-import ray
-import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cafe.config import ExperimentConfig
 from trainers.loop import HF_EXPORT_DIR, STATE_FILE, train_loop_per_worker
+from trainers.shards import DataOrder
+
+FAIL_AT_STEP_ENV = "CAFE_FAIL_AT_STEP"
 
 
 class InputError(ValueError):
     """A training input the user can fix (a path, a size): reported as one line, exit code 2."""
 
 
-def planned_steps(num_rows: int, cfg: ExperimentConfig) -> int:
-    """Steps every worker can take: shards are equal-sized and ragged batches are dropped."""
-    per_worker = num_rows // cfg.train.num_workers
-    per_epoch = per_worker // cfg.train.batch_size
-    if per_epoch == 0:
-        raise InputError(f"{num_rows} training rows cannot fill one batch of {cfg.train.batch_size} "
+def planned_steps(order: DataOrder, cfg: ExperimentConfig) -> int:
+    """Optimizer steps of the run: `train.max_steps`, or the epochs' (every rank takes the same
+    number of full batches each epoch)."""
+    if order.epoch_steps(0) == 0:
+        rows = sum(p.rows for p in order.pieces)
+        raise InputError(f"{rows} training rows cannot fill one batch of {cfg.train.batch_size} "
                          f"on each of {cfg.train.num_workers} workers")
-    return cfg.train.max_steps or cfg.train.epochs * per_epoch
+    return cfg.train.max_steps or order.total_steps(cfg.train.epochs)
 
 
-def training_rows(train_dir: str) -> int:
-    """Rows of the training Parquet under `train_dir` (a folder or URI), from the files' footers;
-    a missing or empty location is a user error naming what to run first."""
+def data_order(cfg: ExperimentConfig) -> DataOrder:
+    """The run's training order, from the footers of the Parquet under `data.train_dir` (a folder
+    or URI); a missing or empty location is a user error naming what to run first."""
     hint = "convert input first: `cafe data --config ...` (the demo draws and converts the scenes itself)"
     try:
-        # other files beside the shards (the pipeline's summary.json) are not training data
-        rows = pyarrow.dataset.dataset(train_dir, format="parquet", exclude_invalid_files=True).count_rows()
+        order = DataOrder.for_training(cfg.data.train_dir, cfg.train.num_workers, cfg.train.batch_size,
+                                       cfg.train.seed)
     except (FileNotFoundError, OSError, pyarrow.ArrowInvalid) as err:
-        raise InputError(f"data.train_dir {train_dir} cannot be read as training Parquet ({err}); {hint}") from None
-    if rows == 0:
-        raise InputError(f"data.train_dir {train_dir} holds no training rows; {hint}")
-    return rows
+        raise InputError(f"data.train_dir {cfg.data.train_dir} cannot be read as training Parquet ({err}); "
+                         f"{hint}") from None
+    if not order.pieces:
+        raise InputError(f"data.train_dir {cfg.data.train_dir} holds no training rows; {hint}")
+    return order
 
 
 def check_storage(uri: str) -> None:
@@ -65,21 +67,30 @@ def check_training_inputs(cfg: ExperimentConfig) -> int:
             and not cfg.model.build_tiny_if_missing:
         raise InputError(f"model.checkpoint {checkpoint} is not a model directory (no config.json); point it at a "
                          "LLaVA-OneVision HF directory, or set model.pretrain_config / model.build_tiny_if_missing")
-    check_storage(cfg.train.storage_path)
-    return planned_steps(training_rows(cfg.data.train_dir), cfg)
+    train = cfg.train
+    if train.grad_accum_steps < 1 or train.batch_size % train.grad_accum_steps:
+        raise InputError(f"train.batch_size {train.batch_size} must split into train.grad_accum_steps "
+                         f"{train.grad_accum_steps} equal micro-batches")
+    if train.grad_accum_steps > 1 and train.gradcache_chunk:
+        raise InputError("train.grad_accum_steps and train.gradcache_chunk both split the batch: GradCache already "
+                         "gives the full batch's gradient in chunks, so set one of them")
+    if train.offload_optimizer and train.zero_stage == 0:
+        raise InputError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO's state)")
+    check_storage(train.storage_path)
+    return planned_steps(data_order(cfg), cfg)
 
 
 def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None = None,
                   storage_path: str | None = None) -> TorchTrainer:
     total_steps = check_training_inputs(cfg)
-    dataset = ray.data.read_parquet(cfg.data.train_dir)
-    dataset.context.enable_progress_bars = False  # the loop's own progress line says how training goes
+    storage = storage_path or cfg.train.storage_path or str(Path(cfg.output_dir, "ray_results").resolve())
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "total_steps": total_steps,
         "tracking_uri": cfg.tracking.tracking_uri,
         "run_id": run_id,
         "checkpoint_every": cfg.train.checkpoint_every,
+        **_failure_test_hook(cfg),
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -88,13 +99,21 @@ def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None 
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.name,  # stable: relaunching the same name resumes from its last checkpoint
-            storage_path=storage_path or cfg.train.storage_path or str(Path(cfg.output_dir, "ray_results").resolve()),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
-        datasets={"train": dataset},
     )
+
+
+def _failure_test_hook(cfg: ExperimentConfig) -> dict:
+    """CAFE_FAIL_AT_STEP=k (tests of fault tolerance): the last worker's process dies once, right
+    after step k; the marker file beside the run's output says it has happened."""
+    step = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
+    if not step:
+        return {}
+    return {"fail_at_step": step, "fail_marker": str(Path(cfg.output_dir, f"failed_at_step_{step}").resolve())}
 
 
 def train(cfg: ExperimentConfig, run_id: str) -> tuple[Path, int]:

@@ -22,7 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from cafe.config import ConfigError, ExperimentConfig, config_from_dict, to_flat_dict
-from trainers.run import build_trainer, planned_steps, training_rows
+from trainers.run import build_trainer, data_order, planned_steps
 from trainers.tracking import RUN_KEY_TAG, finish_run, get_or_create_run, log_metrics, provenance_tags
 from tuning.report import SweepSummary, Trial, best_trial, write_sweep_report
 from tuning.space import ARM, Dimension, search_space, trial_values, with_values
@@ -137,7 +137,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
                              storage_path=join(storage, name, "train"), tags=tags),
         {"cpu": TRIAL_CPU})
     path = f"{storage}/{name}"
-    max_steps = planned_steps(training_rows(cfg.data.train_dir), cfg)
+    max_steps = planned_steps(data_order(cfg), cfg)
     try:
         if resume:
             if not tune.Tuner.can_restore(path):
