@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,11 @@ COMMANDS = {
     "sweep": "Ray Tune sweep over tune.search_space; one MLflow child run per trial under a parent run",
     "eval": "score --checkpoint (default: output_dir/model) on eval.suites: retrieval, MMEB, POPE, generation",
 }
+
+RESUME_HINTS = {
+    command: "The same command continues it from the last checkpoint (train.checkpoint_every: how often one is kept)."
+    for command in ("train", "pretrain", "demo")
+} | {"sweep": "`cafe sweep --resume` with the same config continues it; finished trials are kept."}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -69,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             if not (checkpoint / "config.json").is_file():
                 raise FileNotFoundError(f"--checkpoint {checkpoint} is not a model directory (no config.json); "
                                         "train one first (`cafe train`) or pass an HF checkpoint directory")
-            tasks = prepare_tasks(cfg.eval, cfg.data.eval_dir, suites=args.suite.split(",") if args.suite else None)
+            args.tasks = prepare_tasks(cfg.eval, cfg.data.eval_dir,
+                                       suites=args.suite.split(",") if args.suite else None)
+            args.checkpoint_dir = checkpoint
         except (ValueError, FileNotFoundError) as err:
             print(f"cafe eval: {err}", file=sys.stderr)
             return 2
@@ -78,7 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ConfigError and InputError: the user's to fix
         print(f"cafe {args.command}: {err}", file=sys.stderr)
         return 2
-    init_ray(cfg, args.address)
+    try:
+        init_ray(cfg, args.address)
+        signal.signal(signal.SIGTERM, _stop)  # `ray job stop` sends SIGTERM: end like Ctrl-C (after Ray's own handler)
+        run_command(args, cfg, jobs)
+    except KeyboardInterrupt:
+        print(f"\ncafe {args.command}: stopped; its MLflow run is marked KILLED. {RESUME_HINTS.get(args.command, '')}",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_command(args: argparse.Namespace, cfg, jobs) -> None:
     if args.command == "pretrain":
         print(jobs.pretrain(cfg))
     elif args.command == "demo":
@@ -91,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train":
         print(jobs.run_train(cfg))
     elif args.command == "eval":
-        print(json.dumps(jobs.run_eval(cfg, checkpoint, tasks=tasks, step=args.step), indent=2))
+        print(json.dumps(jobs.run_eval(cfg, args.checkpoint_dir, tasks=args.tasks, step=args.step), indent=2))
         print(f"report: {Path(cfg.output_dir) / 'scorecard'}")
-    return 0
 
 
 def check_inputs(command: str, cfg) -> None:

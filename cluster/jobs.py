@@ -75,10 +75,14 @@ def open_run(cfg: ExperimentConfig) -> str:
 
 @contextmanager
 def tracked_run(cfg: ExperimentConfig) -> Iterator[str]:
-    """The run's MLflow id; the run ends FINISHED, or FAILED if the body raises."""
+    """The run's MLflow id; the run ends FINISHED, KILLED when stopped (Ctrl-C, `ray job stop`),
+    or FAILED if the body raises. Launching the same config again continues the same run."""
     run_id = open_run(cfg)
     try:
         yield run_id
+    except KeyboardInterrupt:
+        finish_run(cfg.tracking.tracking_uri, run_id, status="KILLED")
+        raise
     except BaseException:
         finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
         raise

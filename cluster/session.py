@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
-from ray._private.utils import write_ray_address
 
 from cafe.config import ExperimentConfig
 
@@ -22,16 +22,26 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     if address:
         ray.init(address=address)
         return
+    dashboard_port = _free_port()
     needed = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.eval.num_actors * cfg.eval.cpus_per_actor + 1
     # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's controller queries
     # to see whether a run's actors are alive and to free a finished run's placement group;
     # without it every query times out and a sweep's next trial waits for CPUs that are never freed.
+    # Ray's own helpers that find the cluster through the state API (Train's placement-group
+    # cleaner, which frees a finished run's CPUs) would otherwise look it up through the "latest
+    # cluster" file, which names whichever Ray on this machine started last: with two `cafe`
+    # commands running, one cleaner then finds its controller "dead" and removes its run's workers.
+    api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
     context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-                       include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                       include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                       _node_ip_address="127.0.0.1",
                        logging_level=logging.WARNING,  # Ray's start-up chatter stays in its session logs
-                       runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}})
+                       runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu",
+                                                 **api_server}})
     print(f"[cafe] Ray started in this process; dashboard: http://{context.dashboard_url}", flush=True)
-    # Ray's own helpers that look the cluster up by address (Train's placement-group cleaner,
-    # which frees a finished trial's CPUs for the next) read the "latest cluster" file, which
-    # only `ray start` writes: left alone it names a stale or foreign head.
-    write_ray_address(ray.get_runtime_context().gcs_address)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -39,7 +39,8 @@ def test_with_the_contrastive_term_each_micro_batch_is_its_own_contrastive_batch
     labelled = [int((collator(h).lm_targets != IGNORE_INDEX).sum()) for h in halves]
     for half, tokens in zip(halves, labelled):
         out = model(collator(half))
-        (model.loss.alpha_lm * out.lm_loss * tokens / sum(labelled) + model.loss.con_weight * out.con_loss / 2).backward()
+        lm_part = model.loss.alpha_lm * out.lm_loss * tokens / sum(labelled)
+        (lm_part + model.loss.con_weight * out.con_loss / 2).backward()
     want = gradients(model)
     assert grads.keys() == want.keys()
     for name in want:

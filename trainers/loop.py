@@ -132,6 +132,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.load_checkpoint(str(Path(ckpt) / DEEPSPEED_DIR))
             step = json.loads((Path(ckpt) / STATE_FILE).read_text())["step"]
             _restore_rng(Path(ckpt) / RNG_FILE.format(rank=rank), device)
+        if rank == 0:
+            PROGRESS_LOG.info(f"[train] resumed from the checkpoint of step {step}/{total_steps}")
 
     collator = Collator(processor, compute_language_loss=cfg.loss.compute_language_loss,
                         compute_contrastive_loss=cfg.loss.compute_contrastive_loss,

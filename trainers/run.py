@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pyarrow
@@ -116,10 +117,32 @@ def _failure_test_hook(cfg: ExperimentConfig) -> dict:
     return {"fail_at_step": step, "fail_marker": str(Path(cfg.output_dir, f"failed_at_step_{step}").resolve())}
 
 
+def fit_interruptibly(trainer: TorchTrainer):
+    """`trainer.fit()` on a helper thread, so that Ctrl-C and SIGTERM reach the caller at once as
+    KeyboardInterrupt (and its MLflow run can be marked KILLED). On the main thread Ray Train
+    installs its own SIGINT handler, which waits for the workers to abort and then exits the
+    process, leaving the run RUNNING. The checkpoints already reported stay for the resume."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="cafe-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # a signal interrupts the wait, not the fit
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def train(cfg: ExperimentConfig, run_id: str) -> tuple[Path, int]:
     """Run training; returns the trained model directory (HF format) under output_dir and the
     number of optimizer steps it took."""
-    result = build_trainer(cfg, run_id).fit()
+    result = fit_interruptibly(build_trainer(cfg, run_id))
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
     out = Path(cfg.output_dir, "model")

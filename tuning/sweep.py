@@ -155,8 +155,8 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
         grid = tuner.fit()
         summary = summarise(cfg, name, dims, grid, max_steps)
         files = _write_report(cfg, summary, parent)
-    except BaseException:
-        finish_run(tracking_uri, parent, status="FAILED")
+    except BaseException as err:
+        finish_run(tracking_uri, parent, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     finish_run(tracking_uri, parent)
     return SweepResult(name, parent, summary, files)
