@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as err:
         print(f"cafe: config error: {err}", file=sys.stderr)
         return 2
+    from cafe.logs import quiet_libraries
     from cluster import jobs  # heavy imports only once the config is known to be valid
     from cluster.session import init_ray
     from evaluation.suites import prepare_tasks
+
+    quiet_libraries()
 
     if args.command == "scenes":
         print(json.dumps(jobs.prepare_scenes(cfg), indent=2))

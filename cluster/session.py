@@ -31,6 +31,8 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     # cleaner, which frees a finished run's CPUs) would otherwise look it up through the "latest
     # cluster" file, which names whichever Ray on this machine started last: with two `cafe`
     # commands running, one cleaner then finds its controller "dead" and removes its run's workers.
+    # token authentication stays on; the notice that it is on need not open every run's console
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
     context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                        include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,

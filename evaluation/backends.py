@@ -12,6 +12,7 @@ import ray
 import torch.distributed as dist
 
 from cafe.inference import InferenceModel
+from cafe.logs import quiet_libraries
 from cafe.model import claim_cpus
 from evaluation.requests import Answers, Request, answer
 
@@ -58,6 +59,7 @@ class AnswerWorker:
     """Holds one model; answers chunks of requests. Reloads only when the checkpoint changes."""
 
     def __init__(self, cpus: float) -> None:
+        quiet_libraries()
         claim_cpus(cpus)
         self.model: InferenceModel | None = None
         self.loaded: tuple | None = None

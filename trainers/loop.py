@@ -22,6 +22,7 @@ from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
 from cafe.gradcache import chunked, gradcache_step
 from cafe.inference import InferenceModel
+from cafe.logs import quiet_deepspeed, quiet_libraries, quiet_ray_train_reports
 from cafe.losses import CafeLoss, ContrastiveLoss
 from cafe.model import CafeModel, claim_cpus, load_vlm, set_tunable_parts
 from cafe.records import example_from_row
@@ -102,10 +103,11 @@ def export_hf(engine, model: CafeModel, processor, out_dir: Path, zero_stage: in
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.use_gpu else "cpu")
+    quiet_libraries()
+    quiet_ray_train_reports()
     import deepspeed  # on workers only, after DS_ACCELERATOR is set: it picks its accelerator at import
-    from deepspeed.utils import logger as deepspeed_logger
 
-    deepspeed_logger.setLevel(logging.WARNING)  # its per-engine INFO lines would bury the progress line
+    quiet_deepspeed()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if not cfg.train.use_gpu:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow
 import pyarrow.fs
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cafe.config import ExperimentConfig
@@ -104,6 +104,9 @@ def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None 
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Train's own INFO lines (worker group started, each checkpoint reported) stay in its
+            # log files; the console shows the loop's progress line
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
