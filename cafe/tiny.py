@@ -57,7 +57,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    scaffolding = [SYSTEM_PROMPT, IMAGE_EMBED_INSTRUCTION, TEXT_EMBED_INSTRUCTION, "system user assistant\n"] * 50
+    # the role names as the chat template writes them (after a special token: no leading space)
+    scaffolding = [SYSTEM_PROMPT, IMAGE_EMBED_INSTRUCTION, TEXT_EMBED_INSTRUCTION, "system\n", "user\n", "assistant\n"] * 50
     tok.train_from_iterator([*scaffolding, *corpus], trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -387,16 +387,14 @@ SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
 def conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
-    """Describe -> caption and 1-3 distinct QA exchanges; most conversations open with the
-    caption, a quarter with a question. Only the first turn carries the image, so a model
-    learns both to caption and to answer a question asked with the image (as POPE asks)."""
-    exchanges = [(rng.choice(DESCRIBE_PROMPTS), paraphrases(scene, rng, 1)[0])]
-    asked: set[str] = set()
-    for _ in range(rng.randint(1, 3)):
-        qa = sample_qa(scene, rng)
-        if qa.question not in asked:
-            asked.add(qa.question)
-            exchanges.append((f"{qa.question}\n{SHORT_ANSWER}", qa.answer))
+    """Describe -> caption and one QA exchange; most conversations open with the caption, a
+    quarter with the question. Only the first turn carries the image, so a model learns both to
+    caption and to answer a question asked with the image (as POPE asks). (One question, not
+    several: the image's tokens are paid once per conversation, and a second question costs a
+    2-core step more than it teaches.)"""
+    qa = sample_qa(scene, rng)
+    exchanges = [(rng.choice(DESCRIBE_PROMPTS), paraphrases(scene, rng, 1)[0]),
+                 (f"{qa.question}\n{SHORT_ANSWER}", qa.answer)]
     if rng.random() < QUESTION_FIRST:
         exchanges[0], exchanges[1] = exchanges[1], exchanges[0]
     turns = []
