@@ -58,7 +58,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
         show_progress=False,
     )
     # the role names as the chat template writes them (after a special token: no leading space)
-    scaffolding = [SYSTEM_PROMPT, IMAGE_EMBED_INSTRUCTION, TEXT_EMBED_INSTRUCTION, "system\n", "user\n", "assistant\n"] * 50
+    roles = ["system\n", "user\n", "assistant\n"]
+    scaffolding = [SYSTEM_PROMPT, IMAGE_EMBED_INSTRUCTION, TEXT_EMBED_INSTRUCTION, *roles] * 50
     tok.train_from_iterator([*scaffolding, *corpus], trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

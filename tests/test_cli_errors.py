@@ -68,7 +68,13 @@ def train(tmp_path, *sets):
     (["data.train_dir={train}", "model.checkpoint={tmp}/none", "model.build_tiny_if_missing=false"],
      "model.checkpoint {tmp}/none is not a model directory"),
     (["data.train_dir={train}", "train.batch_size=1", "train.storage_path=s4://bucket/ckpt"],
-     "train.storage_path s4://bucket/ckpt is not a storage location"),
+     "train.storage_path s4://bucket/ckpt: use a local folder or an s3:// URI"),
+    (["data.train_dir={train}", "train.batch_size=3", "train.grad_accum_steps=2"],
+     "train.batch_size 3 must split into train.grad_accum_steps 2 equal micro-batches"),
+    (["data.train_dir={train}", "train.batch_size=2", "train.grad_accum_steps=2", "train.gradcache_chunk=1"],
+     "train.grad_accum_steps and train.gradcache_chunk both split the batch"),
+    (["data.train_dir={train}", "train.batch_size=2", "train.offload_optimizer=true", "train.zero_stage=0"],
+     "train.offload_optimizer needs train.zero_stage 1, 2 or 3"),
 ])
 def test_train_user_errors_are_one_line(tmp_path, train_dir, capsys, sets, message):
     fill = {"tmp": tmp_path, "train": train_dir}

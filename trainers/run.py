@@ -14,6 +14,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from cafe.config import ExperimentConfig
+from pipelines.storage import Storage, StorageError, is_s3
 from trainers.loop import HF_EXPORT_DIR, STATE_FILE, train_loop_per_worker
 from trainers.shards import DataOrder
 
@@ -50,11 +51,29 @@ def data_order(cfg: ExperimentConfig) -> DataOrder:
 
 
 def check_storage(uri: str) -> None:
-    if "://" in uri:
-        try:
-            pyarrow.fs.FileSystem.from_uri(uri)
-        except (pyarrow.ArrowInvalid, OSError, ValueError) as err:
-            raise InputError(f"train.storage_path {uri} is not a storage location pyarrow can open: {err}") from None
+    """An s3:// storage path must name a bucket the AWS_* settings can reach (a local folder is
+    made when needed); any other scheme is refused."""
+    if not uri or "://" not in uri:
+        return
+    if not is_s3(uri):
+        raise InputError(f"train.storage_path {uri}: use a local folder or an s3:// URI")
+    try:
+        filesystem, path = Storage.for_uris([uri]).resolve(uri)
+        bucket = filesystem.get_file_info(path.split("/", 1)[0])  # a request that needs access
+    except (StorageError, pyarrow.ArrowInvalid, OSError) as err:
+        raise InputError(f"train.storage_path {uri} cannot be reached with the AWS_* settings: {err}") from None
+    if bucket.type == pyarrow.fs.FileType.NotFound:
+        raise InputError(f"train.storage_path {uri} cannot be reached: no bucket {bucket.path!r} with the AWS_* "
+                         "settings (create it first)")
+
+
+def ray_storage(cfg: ExperimentConfig, storage_path: str | None = None) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """Where Ray Train keeps the run's checkpoints, and the filesystem for an s3:// location
+    (configured from AWS_* settings, endpoint included, as the pipelines read S3)."""
+    storage = storage_path or cfg.train.storage_path or str(Path(cfg.output_dir, "ray_results").resolve())
+    if is_s3(storage):
+        return tuple(reversed(Storage.for_uris([storage]).resolve(storage)))
+    return storage, None
 
 
 def check_training_inputs(cfg: ExperimentConfig) -> int:
@@ -84,7 +103,7 @@ def check_training_inputs(cfg: ExperimentConfig) -> int:
 def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None = None,
                   storage_path: str | None = None) -> TorchTrainer:
     total_steps = check_training_inputs(cfg)
-    storage = storage_path or cfg.train.storage_path or str(Path(cfg.output_dir, "ray_results").resolve())
+    storage, filesystem = ray_storage(cfg, storage_path)
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "total_steps": total_steps,
@@ -101,6 +120,7 @@ def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None 
         run_config=RunConfig(
             name=cfg.name,  # stable: relaunching the same name resumes from its last checkpoint
             storage_path=storage,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,

@@ -23,6 +23,8 @@ import pyarrow.dataset
 import pyarrow.fs
 import pyarrow.parquet as pq
 
+from pipelines.storage import Storage
+
 PIECES_PER_RANK = 8  # a row group larger than rows / (world * this) is cut, so small data still deals out
 
 
@@ -43,7 +45,8 @@ class Piece:
 def row_groups(train_dir: str) -> tuple[pyarrow.fs.FileSystem, list[Piece]]:
     """Every row group of the training Parquet under `train_dir` (a folder or URI), in path
     order, read from the footers. Other files beside the shards (a summary.json) are skipped."""
-    dataset = pyarrow.dataset.dataset(train_dir, format="parquet", exclude_invalid_files=True)
+    filesystem, path = Storage.for_uris([train_dir]).resolve(train_dir)  # s3:// with the AWS_* settings
+    dataset = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet", exclude_invalid_files=True)
     groups = []
     for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path):
         for group in fragment.row_groups:
