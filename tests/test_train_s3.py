@@ -2,6 +2,7 @@
 checkpoints live under an s3:// storage path, and a worker that dies resumes from them."""
 from __future__ import annotations
 
+import boto3
 import pyarrow.fs as pafs
 import pytest
 import ray
@@ -25,9 +26,8 @@ def s3_env(moto_endpoint, monkeypatch):  # noqa: F811
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    storage = Storage.for_uris([f"s3://{BUCKET}"])
-    storage.s3.create_dir(BUCKET)
-    return storage
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=BUCKET)
+    return Storage.for_uris([f"s3://{BUCKET}"])
 
 
 def test_train_from_and_checkpoint_to_s3(s3_env, tmp_path, monkeypatch):
@@ -57,7 +57,7 @@ def test_train_from_and_checkpoint_to_s3(s3_env, tmp_path, monkeypatch):
         assert any("checkpoint_0000002/" in f for f in listed) and any("checkpoint_0000004/" in f for f in listed)
         assert any(f.endswith("checkpoint_0000004/hf/config.json") for f in listed)
 
-        for bad, message in ((f"data.train_dir=s3://{BUCKET}/nothing-here", "holds no training rows"),
+        for bad, message in ((f"data.train_dir=s3://{BUCKET}/nothing-here", "cannot be read as training Parquet"),
                              ("train.storage_path=s3://no-such-bucket/ray", "cannot be reached"),
                              ("train.storage_path=gs://elsewhere/ray", "local folder or an s3:// URI")):
             with pytest.raises(InputError, match=message):

@@ -217,6 +217,7 @@ def _failure_hook(loop_config: dict, rank: int):
     def check(step: int) -> None:
         if fail_at and step == fail_at and rank == ray.train.get_context().get_world_size() - 1 \
                 and not Path(marker).exists():
+            Path(marker).parent.mkdir(parents=True, exist_ok=True)
             Path(marker).write_text(f"worker {rank} ended at step {step}\n")
             os._exit(1)
 
