@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-STEPS, CHECKPOINT_EVERY = 300, 10
+STEPS, CHECKPOINT_EVERY = 120, 10
 
 
 def cafe(command: str, overrides: list[str], log: Path) -> subprocess.Popen:
