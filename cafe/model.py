@@ -61,13 +61,21 @@ def load_vlm(checkpoint: str | Path, *, dtype: torch.dtype = torch.float32, attn
 class CafeModel(nn.Module):
     """The VLM plus the CAFe loss (whose temperature may be learnable)."""
 
-    def __init__(self, vlm: LlavaOnevisionForConditionalGeneration, loss: CafeLoss, *, emb_type: str = "last") -> None:
+    def __init__(self, vlm: LlavaOnevisionForConditionalGeneration, loss: CafeLoss, *, emb_type: str = "last",
+                 lockstep_vision: bool = False) -> None:
+        """Args:
+            lockstep_vision: run the vision tower on every batch, a blank image when the batch
+                has none, adding nothing. Under ZeRO-3 every rank must run the same modules in
+                the same order (each gathers its parameters with the others), so a rank whose
+                batch is text only would otherwise wait on a rank that is fetching the tower.
+        """
         super().__init__()
         if emb_type not in ("last", "mean"):
             raise ValueError(f"emb_type {emb_type!r} is not one of ['last', 'mean']")
         self.vlm = vlm
         self.loss = loss
         self.emb_type = emb_type
+        self.lockstep_vision = lockstep_vision
 
     def image_features(self, batch: PackedBatch) -> torch.Tensor | None:
         if batch.pixel_values is None:
@@ -83,6 +91,14 @@ class CafeModel(nn.Module):
             raise ValueError(f"vision tower gave {lengths} tokens per image, the prompts hold {batch.tokens_per_image}")
         return torch.cat(list(features), dim=0)
 
+    def _idle_vision(self, like: torch.Tensor) -> torch.Tensor:
+        """Zero, from the vision tower and projector run on one blank image (`lockstep_vision`);
+        in the graph, so the tower's parameters get their (zero) gradient on this rank too."""
+        size = self.vlm.config.vision_config.image_size
+        blank = torch.zeros(1, 3, size, size, device=like.device, dtype=like.dtype)
+        tower = self.vlm.model.vision_tower(blank).last_hidden_state
+        return self.vlm.model.multi_modal_projector(tower).sum() * 0
+
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """Last-layer hidden states (after the final norm) of the packed rows."""
         embeds = self.vlm.get_input_embeddings()(batch.input_ids)
@@ -92,6 +108,8 @@ class CafeModel(nn.Module):
             at = (rows >= 0).nonzero().flatten()
             embeds = embeds.flatten(0, 1).index_copy(0, at, features.index_select(0, rows[at]).to(embeds.dtype))
             embeds = embeds.view(*batch.input_ids.shape, -1)
+        elif self.lockstep_vision:
+            embeds = embeds + self._idle_vision(embeds)
         language_model = self.vlm.model.language_model
         route_packed_attention(language_model.config)
         return language_model(

@@ -65,7 +65,7 @@ def build_model(cfg: ExperimentConfig, dtype: torch.dtype) -> tuple[CafeModel, o
     cafe_loss = CafeLoss(compute_language_loss=loss.compute_language_loss,
                          compute_contrastive_loss=loss.compute_contrastive_loss,
                          alpha_lm=loss.alpha_lm, con_weight=loss.con_weight, contrastive=contrastive)
-    return CafeModel(vlm, cafe_loss, emb_type=loss.emb_type), processor
+    return CafeModel(vlm, cafe_loss, emb_type=loss.emb_type, lockstep_vision=cfg.train.zero_stage == 3), processor
 
 
 def param_groups(model: CafeModel, cfg: ExperimentConfig) -> list[dict]:
