@@ -121,23 +121,36 @@ class ActorPool:
 
 
 def training_workers(model: InferenceModel, rank: int, world: int) -> Backend:
-    """Every rank answers an equal share of each op (padded by repeating a request), then all
-    ranks gather every answer. Equal shares mean an equal number of forward calls per rank,
-    which ZeRO-3's parameter gathers need."""
+    """Every rank answers an equal share of each model call (each op, and generation per
+    `max_new_tokens`, which `answer` calls separately), padded by repeating a request; then all
+    ranks gather every answer. Equal shares mean the same model calls, in the same order, on
+    every rank, which ZeRO-3's parameter gathers need."""
 
     def run(requests: list[Request]) -> Answers:
-        mine: list[int] = []
-        for op in ("embed", "generate", "nll"):
-            index = [i for i in _cost_order(requests) if requests[i].op == op]
-            if index:
-                share = index[rank::world]
-                mine += share + [index[-1]] * (math.ceil(len(index) / world) - len(share))
+        mine = rank_share(requests, rank, world)
         local = answer(model, [requests[i] for i in mine]) if mine else None
         parts: list = [None] * world
         dist.all_gather_object(parts, (mine, local))
         return _merge([p for p in parts if p[1] is not None], len(requests), model.hidden_size)
 
     return run
+
+
+def model_call(request: Request) -> tuple[str, int]:
+    """Which call of `answer` serves the request: its op, and for generation its token budget."""
+    return request.op, request.max_new_tokens if request.op == "generate" else 0
+
+
+def rank_share(requests: list[Request], rank: int, world: int) -> list[int]:
+    """This rank's requests: an equal share of each model call's, the last repeated to pad."""
+    calls: dict[tuple[str, int], list[int]] = {}
+    for i in _cost_order(requests):
+        calls.setdefault(model_call(requests[i]), []).append(i)
+    mine: list[int] = []
+    for index in calls.values():
+        share = index[rank::world]
+        mine += share + [index[-1]] * (math.ceil(len(index) / world) - len(share))
+    return mine
 
 
 def _merge(parts: list[tuple[list[int], Answers]], n: int, dim: int) -> Answers:

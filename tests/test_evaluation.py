@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from cafe.config import EvalConfig, ExperimentConfig, load_config
 from cafe.inference import InferenceModel
-from evaluation.backends import ActorPool, in_process, training_workers
+from evaluation.backends import ActorPool, in_process, model_call, rank_share, training_workers
 from evaluation.requests import Answers, Request
 from evaluation.run import RunRef, evaluate_checkpoint
 from evaluation.suites import prepare_tasks
@@ -81,6 +81,18 @@ def _worker(rank: int, checkpoint: str, store_path: str, out_dir: str, requests:
             pickle.dump(answers, f)
     finally:
         dist.destroy_process_group()
+
+
+def test_every_rank_makes_the_same_model_calls():
+    """ZeRO-3 needs the ranks in lockstep: the same ops, and generation budgets, in the same
+    counts, even when one budget has a single request (found as a hang in the live scorecard)."""
+    requests = [Request("embed", text=f"t{i}") for i in range(5)]
+    requests += [Request("generate", text=f"q{i}", max_new_tokens=8) for i in range(4)]
+    requests += [Request("generate", text="caption", max_new_tokens=64), Request("nll", messages="[]")]
+    shares = [rank_share(requests, rank, 2) for rank in range(2)]
+    calls = [sorted(model_call(requests[i]) for i in share) for share in shares]
+    assert calls[0] == calls[1]
+    assert set(shares[0]) | set(shares[1]) == set(range(len(requests)))
 
 
 def test_training_workers_match_in_process(tiny_checkpoint, requests, tmp_path):
