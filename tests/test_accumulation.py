@@ -53,3 +53,9 @@ def test_backward_marks_only_the_last_micro_batch(tiny_checkpoint):
     accumulated_step(model, [collator(c) for c in chunked(make_examples(seed=7), 2)],
                      backward=lambda objective, last: (calls.append(last), objective.backward()))
     assert calls == [False, False, True]
+
+
+def test_two_micro_batches_of_8_equal_one_batch_of_16_for_the_lm_term(tiny_checkpoint):
+    model, collator = build(tiny_checkpoint, compute_contrastive_loss=False)
+    examples = make_examples(seed=8, n=16)
+    assert_same_step(accumulated(model, collator, examples, 8), unchunked(model, collator, examples))
