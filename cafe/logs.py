@@ -14,6 +14,7 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
     # the CPU build of DeepSpeed's ops says, each time, that it found no CUDA
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     # DeepSpeed's ZeRO calls torch's old name for the same all-gather
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 

@@ -23,6 +23,20 @@ from trainers.run import train
 from trainers.tracking import finish_run, get_or_create_run, provenance_tags
 
 
+@contextmanager
+def stage(what: str) -> Iterator[None]:
+    """One console line as a stage starts, and one with its wall time as it ends."""
+    print(f"[cafe] {what} ...", flush=True)
+    started = time.perf_counter()
+    yield
+    print(f"[cafe] {what}: done in {_clock(time.perf_counter() - started)}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
 def prepare_scenes(cfg: ExperimentConfig) -> dict:
     """Draw the embedded data set (OneVision layout + evaluation files) into raw_dir."""
     s = cfg.data.scenes
@@ -54,12 +68,14 @@ def pretrain(cfg: ExperimentConfig) -> Path:
     target = Path(cfg.model.checkpoint)
     if (target / "config.json").is_file():
         return target
-    stage = pretrain_stage_config(cfg)
-    print(f"[cafe] pretraining the base ({stage.name}: {cfg.model.pretrain_config}) into {target}", flush=True)
-    ensure_checkpoint(stage)
-    with tracked_run(stage) as run_id:
-        ensure_training_data(stage, run_id)
-        model_dir, _ = train(stage, run_id)
+    base = pretrain_stage_config(cfg)
+    print(f"[cafe] no base at {target}: the LM-only stage {cfg.model.pretrain_config} trains it once", flush=True)
+    ensure_checkpoint(base)
+    with tracked_run(base) as run_id:
+        ensure_training_data(base, run_id)
+        with stage(f"pretraining the base, LM loss only, {base.train.max_steps} steps on "
+                   f"{base.train.num_workers} Ray Train workers"):
+            model_dir, _ = train(base, run_id)
     if model_dir.resolve() != target.resolve():
         partial = target.with_name(target.name + ".partial")  # a crash mid-copy leaves no half checkpoint behind
         shutil.rmtree(partial, ignore_errors=True)
@@ -96,8 +112,11 @@ def ensure_training_data(cfg: ExperimentConfig, run_id: str | None = None) -> No
     if any(Path(cfg.data.train_dir).glob("**/*.parquet")) or "://" in cfg.data.train_dir:
         return
     if not any(Path(cfg.data.raw_dir).glob("**/*.parquet")):
-        prepare_scenes(cfg)
-    run_data(cfg, run_id)
+        with stage(f"drawing {cfg.data.scenes.train_images:,} training and {cfg.data.scenes.eval_images} held-out "
+                   f"scenes into {cfg.data.raw_dir}"):
+            prepare_scenes(cfg)
+    with stage(f"converting them with Ray Data into training Parquet in {cfg.data.train_dir}"):
+        run_data(cfg, run_id)
 
 
 def sweep(cfg: ExperimentConfig, *, resume: bool = False):
@@ -152,9 +171,13 @@ def demo(cfg: ExperimentConfig) -> dict:
     ensure_training_data(cfg)
     tasks = prepare_tasks(cfg.eval, cfg.data.eval_dir)
     with tracked_run(cfg) as run_id:
-        before = _score(cfg, base, tasks, 0, "base", run_id)
-        model_dir, steps = train(cfg, run_id)
-        after = _score(cfg, model_dir, tasks, steps, "cafe", run_id)
+        with stage("scoring the base: retrieval, MMEB, POPE, generation"):
+            before = _score(cfg, base, tasks, 0, "base", run_id)
+        with stage(f"fine-tuning the base with CAFe (con_weight {cfg.loss.con_weight}) on {cfg.train.num_workers} "
+                   "Ray Train workers"):
+            model_dir, steps = train(cfg, run_id)
+        with stage("scoring the fine-tuned model"):
+            after = _score(cfg, model_dir, tasks, steps, "cafe", run_id)
         comparison = comparison_markdown({"base": before.metrics, "CAFe": after.metrics})
         captions = caption_comparison(before, after, limit=3)
         (out / "comparison.md").write_text(f"{comparison}\n\n{captions}\n")
