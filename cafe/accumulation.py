@@ -24,10 +24,11 @@ def accumulated_step(model, micro_batches: list[PackedBatch], rank: int = 0, wor
     `cafe.gradcache`) and return the local batch's terms, detached, for logging."""
     loss_fn = model.loss
     labelled = [int((m.lm_targets != IGNORE_INDEX).sum()) for m in micro_batches]
+    total = sum(labelled)
     lm = con = None
     for i, micro in enumerate(micro_batches):
         terms = model(micro, rank, world_size)
-        share = labelled[i] / sum(labelled) if sum(labelled) else 0.0
+        share = labelled[i] / total if total else 0.0
         # a micro-batch without labels has a NaN mean and no weight
         lm_part = terms.lm_loss * share if share else None
         if loss_fn.compute_language_loss and lm_part is None:

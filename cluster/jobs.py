@@ -19,8 +19,9 @@ from evaluation.scorecard import Scorecard, comparison_markdown
 from evaluation.suites import SuiteTask, prepare_tasks
 from pipelines.ingest import run_from_config
 from pipelines.scenes import scene_corpus, write_scene_dataset
+from trainers.progress import clock
 from trainers.run import train
-from trainers.tracking import finish_run, get_or_create_run, provenance_tags
+from trainers.tracking import ended_status, finish_run, get_or_create_run, provenance_tags
 
 
 @contextmanager
@@ -29,12 +30,7 @@ def stage(what: str) -> Iterator[None]:
     print(f"[cafe] {what} ...", flush=True)
     started = time.perf_counter()
     yield
-    print(f"[cafe] {what}: done in {_clock(time.perf_counter() - started)}", flush=True)
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+    print(f"[cafe] {what}: done in {clock(time.perf_counter() - started)}", flush=True)
 
 
 def prepare_scenes(cfg: ExperimentConfig) -> dict:
@@ -96,11 +92,8 @@ def tracked_run(cfg: ExperimentConfig) -> Iterator[str]:
     run_id = open_run(cfg)
     try:
         yield run_id
-    except KeyboardInterrupt:
-        finish_run(cfg.tracking.tracking_uri, run_id, status="KILLED")
-        raise
-    except BaseException:
-        finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
+    except BaseException as err:
+        finish_run(cfg.tracking.tracking_uri, run_id, status=ended_status(err))
         raise
     finish_run(cfg.tracking.tracking_uri, run_id)
 

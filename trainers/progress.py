@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -61,5 +61,5 @@ class Progress:
             parts.append(f"{metrics['train/truncated_in_interval']:.0f} sequences cut to data.max_text_tokens "
                          f"({metrics['train/truncated_sequences']:.0f} so far)")
         if self.seconds_per_step is not None:
-            parts.append(f"ETA {_clock((self.total_steps - step) * self.seconds_per_step)}")
+            parts.append(f"ETA {clock((self.total_steps - step) * self.seconds_per_step)}")
         return " | ".join(parts)

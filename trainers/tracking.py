@@ -87,5 +87,10 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
     MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
 
 
+def ended_status(error: BaseException) -> str:
+    """How a run that raised `error` ends: KILLED when stopped (Ctrl-C, SIGTERM), else FAILED."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)

@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from cafe.config import ConfigError, ExperimentConfig, config_from_dict, to_flat_dict
 from trainers.run import build_trainer, data_order, planned_steps
-from trainers.tracking import RUN_KEY_TAG, finish_run, get_or_create_run, log_metrics, provenance_tags
+from trainers.tracking import RUN_KEY_TAG, ended_status, finish_run, get_or_create_run, log_metrics, provenance_tags
 from tuning.report import SweepSummary, Trial, best_trial, write_sweep_report
 from tuning.space import ARM, Dimension, search_space, trial_values, with_values
 
@@ -156,7 +156,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
         summary = summarise(cfg, name, dims, grid, max_steps)
         files = _write_report(cfg, summary, parent)
     except BaseException as err:
-        finish_run(tracking_uri, parent, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        finish_run(tracking_uri, parent, status=ended_status(err))
         raise
     finish_run(tracking_uri, parent)
     return SweepResult(name, parent, summary, files)
