@@ -293,7 +293,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict = {}
     if path is not None:
         text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
+        if raw is None:  # an empty file would silently run every default, output paths included
+            raise ConfigError(f"{path} is empty: a config sets at least name and output_dir "
+                              "(configs/demo.yaml is a complete example)")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for assignment in overrides or []:

@@ -81,6 +81,9 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path)
+    path.write_text("# only a comment\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("override, choices", [
