@@ -34,12 +34,16 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     # token authentication stays on; the notice that it is on need not open every run's console
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+    # Ray Train's preemption watcher polls for nodes being drained (spot instances) so workers can
+    # checkpoint first; this in-process Ray is one node that nothing drains, and the watcher's
+    # actor would only print a core-worker error line into every training run's console.
+    single_node = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                        include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                        _node_ip_address="127.0.0.1",
                        logging_level=logging.WARNING,  # Ray's start-up chatter stays in its session logs
                        runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu",
-                                                 **api_server}})
+                                                 **api_server, **single_node}})
     print(f"[cafe] Ray started in this process; dashboard: http://{context.dashboard_url}", flush=True)
 
 

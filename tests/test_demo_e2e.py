@@ -2,6 +2,7 @@
 shrunk to a few minutes: the LM-only base stage, then CAFe, each stage in its MLflow run."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def test_demo_pretrains_the_base_once_then_fine_tunes_it(tmp_path):
     assert "| `eval/retrieval/scenes/i2t_r1` |" in done.stdout  # the side-by-side scorecard
     assert "| metric | base | CAFe |" in done.stdout
     assert "Greedy captions of held-out scenes" in done.stdout
+    assert not re.findall(r".*\.cc:\d+.*", done.stdout + done.stderr)  # no Ray core (C++) log line on the console
 
     summary = json.loads((tmp_path / "out" / "demo_summary.json").read_text())
     assert summary["steps"] == 2 and summary["base"] == f"{tmp_path}/base/model"
