@@ -13,13 +13,13 @@ import mlflow
 from mlflow import MlflowClient
 
 from cafe.config import ExperimentConfig, load_config, to_flat_dict, to_yaml, with_absolute_paths
+from cafe.logs import clock
 from cafe.tiny import build_tiny_checkpoint
 from evaluation.run import RunRef, evaluate_checkpoint
 from evaluation.scorecard import Scorecard, comparison_markdown
 from evaluation.suites import SuiteTask, prepare_tasks
 from pipelines.ingest import run_from_config
 from pipelines.scenes import scene_corpus, write_scene_dataset
-from trainers.progress import clock
 from trainers.run import train
 from trainers.tracking import ended_status, finish_run, get_or_create_run, provenance_tags
 

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from cafe.config import IngestConfig
+from cafe.logs import clock
 from cafe.schema import SCHEMA_VERSION
 from pipelines.plan import PipelineError, WorkUnit, plan_units
 from pipelines.records import REASONS, ConvertOptions
@@ -214,7 +215,7 @@ def _run_units_with_ray(units: list[WorkUnit], context: UnitContext, options: In
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=options.num_cpus or None, include_dashboard=False)
     items = [{"unit": json.dumps(dataclasses.asdict(u), ensure_ascii=False)} for u in units]
-    with _single_operator_data_context(ray.data.DataContext.get_current()):
+    with _single_operator_data_context(ray.data.DataContext.get_current()), _ray_data_console_quiet():
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
             _process_batch,
@@ -224,7 +225,58 @@ def _run_units_with_ray(units: list[WorkUnit], context: UnitContext, options: In
             num_cpus=options.cpus_per_task,
             compute=ray.data.TaskPoolStrategy(size=options.max_concurrent_tasks or None),
         )
-        return [json.loads(row["report"]) for row in ds.take_all()]
+        progress = IngestProgress(len(units))
+        reports = []
+        for row in ds.iter_rows():
+            reports.append(json.loads(row["report"]))
+            progress.unit_done(reports[-1])
+        return reports
+
+
+class IngestProgress:
+    """A console line (stderr) every `every_s` seconds while units convert: units done, rows
+    written and quarantined, rate and ETA. Ray Data's own progress log goes to its session log."""
+
+    def __init__(self, total_units: int, *, every_s: float = 10.0) -> None:
+        self.total, self.every_s = total_units, every_s
+        self.done = self.written = self.quarantined = 0
+        self.last_line = time.perf_counter()
+        self.first_done: float | None = None  # the rate counts from here: task start-up is not throughput
+
+    def unit_done(self, report: dict[str, Any]) -> None:
+        self.done += 1
+        self.written += report["written"]
+        self.quarantined += report["quarantined"]
+        now = time.perf_counter()
+        self.first_done = self.first_done or now
+        if now - self.last_line >= self.every_s and self.done < self.total:
+            self.last_line = now
+            print(self.line(now), file=sys.stderr, flush=True)
+
+    def line(self, now: float) -> str:
+        parts = [f"[data] {self.done:,}/{self.total:,} units",
+                 f"{self.written:,} rows written, {self.quarantined:,} quarantined"]
+        if self.done > 1 and now > self.first_done:
+            rate = (self.done - 1) / (now - self.first_done)
+            parts += [f"{rate:.2f} units/s", f"ETA {clock((self.total - self.done) / rate)}"]
+        return " | ".join(parts)
+
+
+@contextlib.contextmanager
+def _ray_data_console_quiet():
+    """Ray Data's logged progress blocks and execution notices off the console (a large ingest
+    prints pages of them), still in its `ray-data.log` in the session directory; restored
+    afterwards. (In a terminal Ray Data draws progress bars instead, which stay.)"""
+    consoles = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    saved = [h.level for h in consoles]
+    for handler in consoles:
+        handler.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, saved):
+            handler.setLevel(level)
 
 
 @contextlib.contextmanager

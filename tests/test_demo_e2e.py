@@ -43,6 +43,7 @@ def test_demo_pretrains_the_base_once_then_fine_tunes_it(tmp_path):
     assert "| metric | base | CAFe |" in done.stdout
     assert "Greedy captions of held-out scenes" in done.stdout
     assert not re.findall(r".*\.cc:\d+.*", done.stdout + done.stderr)  # no Ray core (C++) log line on the console
+    assert "Running Dataset" not in done.stdout + done.stderr  # nor Ray Data's logged progress blocks
 
     summary = json.loads((tmp_path / "out" / "demo_summary.json").read_text())
     assert summary["steps"] == 2 and summary["base"] == f"{tmp_path}/base/model"

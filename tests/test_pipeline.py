@@ -16,7 +16,7 @@ from PIL import Image
 from cafe.config import IngestConfig, load_config
 from cafe.schema import QUARANTINE_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, TRAIN_SCHEMA
 from pipelines import units
-from pipelines.ingest import PipelineError, run_from_config, run_pipeline
+from pipelines.ingest import IngestProgress, PipelineError, run_from_config, run_pipeline
 from pipelines.onevision import write_onevision_shard
 from pipelines.records import Rejected, check_conversation, normalise_conversation, prepare_image
 from pipelines.subsets import DatasetYamlError, discover_subsets, load_dataset_yaml
@@ -412,3 +412,16 @@ def test_summary_logged_to_active_mlflow_run(tmp_path, monkeypatch):
     assert (metrics["data/read"], metrics["data/written"], metrics["data/quarantined"]) == (2, 1, 1)
     assert metrics["data/quarantined/no_assistant_turn"] == 1 and metrics["data/quarantined/duplicate_id"] == 0
     assert logged["artifact"] == ("data/summary.json", summary.to_dict())
+
+
+def test_ingest_progress_counts_units_rows_and_gives_an_eta(capsys, monkeypatch):
+    clock = iter([0.0, 5.0, 15.0, 25.0, 26.0])
+    monkeypatch.setattr("pipelines.ingest.time.perf_counter", lambda: next(clock))
+    progress = IngestProgress(4, every_s=10.0)  # created at t=0
+    progress.unit_done({"written": 500, "quarantined": 0})  # t=5: too soon for a line
+    progress.unit_done({"written": 480, "quarantined": 20})  # t=15: 1 unit in 10 s since the first
+    progress.unit_done({"written": 500, "quarantined": 0})  # t=25: 2 units in 20 s
+    progress.unit_done({"written": 500, "quarantined": 0})  # t=26: the last unit prints nothing
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["[data] 2/4 units | 980 rows written, 20 quarantined | 0.10 units/s | ETA 0:20",
+                     "[data] 3/4 units | 1,480 rows written, 20 quarantined | 0.10 units/s | ETA 0:10"]

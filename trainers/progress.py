@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+from cafe.logs import clock
 
 
 class Progress:
