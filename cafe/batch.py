@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from cafe.attention import CONVERSATION, QUERY, TRUNK, PackedAttention, plan_packed_attention
-from cafe.prompts import IGNORE_INDEX, IMAGE_TOKEN, strip_image_tokens
+from cafe.prompts import IGNORE_INDEX, IMAGE_TOKEN, first_exchanges, strip_image_tokens
 from cafe.sequences import Sequence, encode_conversation, encode_embedding_prompt, expand_image_tokens
 
 
@@ -84,13 +84,14 @@ class Collator:
     """Turns examples into a `PackedBatch`. Runs in data-loader workers (CPU only)."""
 
     def __init__(self, processor, *, compute_language_loss: bool = True, compute_contrastive_loss: bool = True,
-                 max_text_tokens: int = 0) -> None:
+                 max_text_tokens: int = 0, max_turns: int = 0) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = processor.image_token_id
         self.with_lm = compute_language_loss
         self.with_con = compute_contrastive_loss
         self.max_text_tokens = max_text_tokens
+        self.max_turns = max_turns
         self.truncated = 0  # sequences cut to max_text_tokens so far (the loop reports them)
 
     def encode_images(self, groups: list[list[Image.Image]]) -> tuple[dict | None, list[int]]:
@@ -114,7 +115,7 @@ class Collator:
             groups.append(ex.target_images)
             entry = {}
             if self.with_lm:
-                entry["conversation"] = encode_conversation(self.tokenizer, ex.messages, own)
+                entry["conversation"] = self._conversation(ex.messages, own)
             if self.with_con:
                 query_text = ex.query_text
                 if not own and not query_text:  # a text-only row: its user turn is the query
@@ -143,6 +144,14 @@ class Collator:
                 if "conversation" in entry:
                     entry["conversation"] = self._cut_conversation(*entry["conversation"])
         return self._pack(expanded, image_inputs, per_image)
+
+    def _conversation(self, messages: list[dict], images: list[int]) -> Sequence:
+        """The conversation, cut to its first `max_turns` exchanges; it shows the images whose
+        `<image>` placeholders it keeps (the query prompt still shows them all)."""
+        if self.max_turns:
+            messages = first_exchanges(messages, self.max_turns)
+            images = images[: sum(m["content"].count(IMAGE_TOKEN) for m in messages)]
+        return encode_conversation(self.tokenizer, messages, images)
 
     def _cut_conversation(self, ids: list[int], labels: list[int], owner: list[int]) -> tuple[list, list, list]:
         """A conversation past max_text_tokens loses its tail (the research code's model_max_length

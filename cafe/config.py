@@ -95,6 +95,7 @@ class DataConfig:
     quarantine_dir: str = "runs/demo/quarantine"
     eval_dir: str = "runs/demo/raw/eval"  # held-out evaluation files in public layouts (scenes write them here)
     max_text_tokens: int = 384
+    max_turns: int = 0  # train on each conversation's first N exchanges (a user turn and its reply); 0: all
     ingest: IngestConfig = field(default_factory=IngestConfig)
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
 

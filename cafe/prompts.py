@@ -27,6 +27,17 @@ CHAT_TEMPLATE = (
 )
 
 
+def first_exchanges(messages: list[dict], n: int) -> list[dict]:
+    """The conversation up to its n-th user turn and that turn's reply (system turns kept)."""
+    kept, users = [], 0
+    for message in messages:
+        users += message["role"] == "user"
+        if users > n:
+            break
+        kept.append(message)
+    return kept
+
+
 def chat_pieces(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
     """The chat template as (text, is_assistant_content) pieces; joined they equal the template.
 

@@ -6,13 +6,14 @@ import random
 import pytest
 from transformers import AutoProcessor
 
-from cafe.batch import tokens_per_image
+from cafe.batch import Collator, Example, tokens_per_image
 from cafe.prompts import (
     IGNORE_INDEX,
     IMAGE_EMBED_INSTRUCTION,
     TEXT_EMBED_INSTRUCTION,
     chat_pieces,
     embedding_messages,
+    first_exchanges,
 )
 from cafe.sequences import Sequence, encode_conversation, encode_embedding_prompt, expand_image_tokens
 from tests.conftest import random_image
@@ -155,3 +156,34 @@ def test_expansion_matches_the_processor(processor):
         reference = processor(text=prompt, images=[image], return_tensors="pt")["input_ids"][0].tolist()
         assert ids == reference
         assert owner.count(k) == counts[k] > 0
+
+
+def test_first_exchanges_keeps_system_turns_and_whole_exchanges():
+    system = {"role": "system", "content": "Be brief."}
+    turns = CONVERSATIONS["multi-turn"]
+    assert first_exchanges([system, *turns], 1) == [system, *turns[:2]]
+    assert first_exchanges(turns, 2) == turns
+    assert first_exchanges(turns, 5) == turns
+
+
+def test_max_turns_trains_on_the_first_exchanges_with_the_images_they_show(processor):
+    rng = random.Random(0)
+    conversation = [{"role": "user", "content": "<image>\nHow many shapes?"},
+                    {"role": "assistant", "content": "two"},
+                    {"role": "user", "content": "<image>\nAnd in this one?"},
+                    {"role": "assistant", "content": "one"}]
+    example = Example(images=[random_image(rng, 64, 64), random_image(rng, 96, 48)], messages=conversation,
+                      target_text="two shapes")
+    full = Collator(processor, compute_contrastive_loss=False)([example])
+    cut = Collator(processor, compute_contrastive_loss=False, max_turns=1)([example])
+    tok, image_id = processor.tokenizer, processor.image_token_id
+
+    def labelled(batch):
+        return tok.decode(batch.lm_targets[batch.lm_targets != IGNORE_INDEX])
+
+    assert labelled(full) == "two<|im_end|>one<|im_end|>"
+    assert labelled(cut) == "two<|im_end|>"
+    assert int((full.input_ids == image_id).sum()) == sum(full.tokens_per_image)
+    assert int((cut.input_ids == image_id).sum()) == cut.tokens_per_image[0]  # the second image is not shown
+    with_query = Collator(processor, max_turns=1)([example])
+    assert int((with_query.input_ids == image_id).sum()) == sum(with_query.tokens_per_image)  # the query shows both

@@ -139,7 +139,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     collator = Collator(processor, compute_language_loss=cfg.loss.compute_language_loss,
                         compute_contrastive_loss=cfg.loss.compute_contrastive_loss,
-                        max_text_tokens=cfg.data.max_text_tokens)
+                        max_text_tokens=cfg.data.max_text_tokens, max_turns=cfg.data.max_turns)
     order = DataOrder.for_training(cfg.data.train_dir, world, cfg.train.batch_size, cfg.train.seed)
     tracking_uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
     last_metrics: dict[str, float] = {}

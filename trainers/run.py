@@ -94,6 +94,8 @@ def check_training_inputs(cfg: ExperimentConfig) -> int:
     if train.grad_accum_steps > 1 and train.gradcache_chunk:
         raise InputError("train.grad_accum_steps and train.gradcache_chunk both split the batch: GradCache already "
                          "gives the full batch's gradient in chunks, so set one of them")
+    if cfg.data.max_turns < 0:
+        raise InputError(f"data.max_turns {cfg.data.max_turns}: the number of exchanges to train on, or 0 for all")
     if train.offload_optimizer and train.zero_stage == 0:
         raise InputError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO's state)")
     check_storage(train.storage_path)
