@@ -21,7 +21,7 @@ def _encode_pieces(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int]
     ids: list[int] = []
     labels: list[int] = []
     # each piece on its own, as before, but in one call: the per-call overhead was most of the cost
-    encoded = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"] if pieces else []
+    encoded = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"]
     for piece, (_, is_label) in zip(encoded, pieces):
         ids += piece
         labels += piece if is_label else [IGNORE_INDEX] * len(piece)
