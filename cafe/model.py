@@ -1,9 +1,9 @@
 """Loading a LLaVA-OneVision checkpoint directory and the CAFe model around it.
 
 `CafeModel.forward` is the fast CAFe step on a `PackedBatch`: the vision tower runs once per
-image, the conversation and the query prompt share their prefix in one packed forward through
-the base language model (attention computed unit by unit, `cafe.attention`), and vocabulary
-logits are computed only where labels exist."""
+distinct view (`cafe.vision`), the conversation and the query prompt share their prefix in one
+packed forward through the base language model (attention computed unit by unit,
+`cafe.attention`), and vocabulary logits are computed only where labels exist."""
 from __future__ import annotations
 
 import math
@@ -18,6 +18,7 @@ from cafe.attention import route_packed_attention
 from cafe.batch import PackedBatch
 from cafe.losses import CachedGrads, CafeLoss, LossTerms
 from cafe.prompts import IGNORE_INDEX
+from cafe.vision import encode_distinct_views
 
 
 def claim_cpus(cpus: float) -> None:
@@ -80,11 +81,12 @@ class CafeModel(nn.Module):
     def image_features(self, batch: PackedBatch) -> torch.Tensor | None:
         if batch.pixel_values is None:
             return None
-        out = self.vlm.model.get_image_features(
-            pixel_values=batch.pixel_values,
-            image_sizes=batch.image_sizes,
-            batch_num_images=batch.batch_num_images,
-        )
+        with encode_distinct_views(self.vlm.model.vision_tower):
+            out = self.vlm.model.get_image_features(
+                pixel_values=batch.pixel_values,
+                image_sizes=batch.image_sizes,
+                batch_num_images=batch.batch_num_images,
+            )
         features = out.pooler_output if hasattr(out, "pooler_output") else out
         lengths = [f.shape[0] for f in features]
         if lengths != batch.tokens_per_image:

@@ -86,3 +86,37 @@ def test_packed_step_in_bfloat16(tiny_checkpoint):
     (full, _), (half, _) = losses[torch.float32], losses[torch.bfloat16]
     torch.testing.assert_close(half.lm_loss, full.lm_loss.detach(), rtol=2e-2, atol=0)
     torch.testing.assert_close(half.con_loss, full.con_loss.detach(), rtol=2e-2, atol=0)
+
+
+def test_vision_tower_encodes_each_distinct_view_once(tiny_checkpoint):
+    """A square image's one anyres crop is its base view, and an image shown twice repeats all
+    its views: the tower takes each distinct view once, and the features, and the tower's
+    gradients, are those of encoding every view."""
+    torch.manual_seed(0)
+    vlm, processor = load_vlm(tiny_checkpoint)
+    model = CafeModel(vlm, CafeLoss()).train()
+    rng = random.Random(3)
+    square, wide = random_image(rng, 64, 64), random_image(rng, 128, 64)
+    examples = [Example(images=[img], messages=[{"role": "user", "content": "<image>\nDescribe"},
+                                                {"role": "assistant", "content": "a shape"}], target_text="a shape")
+                for img in (square, wide, square)]
+    batch = Collator(processor)(examples)
+    seen = []
+    patches = vlm.model.vision_tower.embeddings.patch_embedding  # inside the tower's forward
+    handle = patches.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    fast = model.image_features(batch)
+    handle.remove()
+    # views: square base, square crop (same), wide base, wide crop, square again (same two)
+    assert seen == [3]
+    fast.square().sum().backward()
+    fast_grads = {n: p.grad.clone() for n, p in vlm.model.vision_tower.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    every = vlm.model.get_image_features(pixel_values=batch.pixel_values, image_sizes=batch.image_sizes,
+                                         batch_num_images=batch.batch_num_images).pooler_output
+    every = torch.cat(list(every))
+    every.square().sum().backward()
+    assert torch.allclose(fast, every, atol=1e-6)
+    every_grads = {n: p.grad for n, p in vlm.model.vision_tower.named_parameters() if p.grad is not None}
+    assert fast_grads.keys() == every_grads.keys() and fast_grads
+    for name, grad in every_grads.items():
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-6), name
