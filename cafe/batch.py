@@ -17,7 +17,13 @@ from PIL import Image
 
 from cafe.attention import CONVERSATION, QUERY, TRUNK, PackedAttention, plan_packed_attention
 from cafe.prompts import IGNORE_INDEX, IMAGE_TOKEN, first_exchanges, strip_image_tokens
-from cafe.sequences import Sequence, encode_conversation, encode_embedding_prompt, expand_image_tokens
+from cafe.sequences import (
+    PieceTokenizer,
+    Sequence,
+    encode_conversation,
+    encode_embedding_prompt,
+    expand_image_tokens,
+)
 
 
 @dataclass(slots=True)
@@ -87,6 +93,7 @@ class Collator:
                  max_text_tokens: int = 0, max_turns: int = 0) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.pieces = PieceTokenizer(processor.tokenizer)  # the same texts come back every batch and epoch
         self.image_token_id = processor.image_token_id
         self.with_lm = compute_language_loss
         self.with_con = compute_contrastive_loss
@@ -132,7 +139,7 @@ class Collator:
             slots = list(range(next_image, next_image + len(images)))
             next_image += len(images)
             groups.append(images)
-            seqs.append({"query": encode_embedding_prompt(self.tokenizer, text, slots)})
+            seqs.append({"query": encode_embedding_prompt(self.pieces, text, slots)})
         return self._finish(groups, seqs)
 
     def _finish(self, groups, seqs) -> PackedBatch:
@@ -151,7 +158,7 @@ class Collator:
         if self.max_turns:
             messages = first_exchanges(messages, self.max_turns)
             images = images[: sum(m["content"].count(IMAGE_TOKEN) for m in messages)]
-        return encode_conversation(self.tokenizer, messages, images)
+        return encode_conversation(self.pieces, messages, images)
 
     def _cut_conversation(self, ids: list[int], labels: list[int], owner: list[int]) -> tuple[list, list, list]:
         """A conversation past max_text_tokens loses its tail (the research code's model_max_length
@@ -166,7 +173,7 @@ class Collator:
 
     def _embedding_prompt(self, text: str | None, slots: list[int]) -> Sequence:
         """An embedding prompt whose text is cut until the prompt fits max_text_tokens."""
-        seq = encode_embedding_prompt(self.tokenizer, text, slots)
+        seq = encode_embedding_prompt(self.pieces, text, slots)
         excess = self._text_tokens(seq) - self.max_text_tokens if self.max_text_tokens else 0
         if excess <= 0:
             return seq
@@ -174,7 +181,7 @@ class Collator:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         while excess > 0 and ids:  # re-encoding cut text can merge differently: cut until it fits
             ids = ids[: max(0, len(ids) - excess)]
-            seq = encode_embedding_prompt(self.tokenizer, self.tokenizer.decode(ids) or None, slots)
+            seq = encode_embedding_prompt(self.pieces, self.tokenizer.decode(ids) or None, slots)
             excess = self._text_tokens(seq) - self.max_text_tokens
         return seq
 

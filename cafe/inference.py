@@ -136,7 +136,7 @@ class InferenceModel:
         return self._batches(costs, run, len(conversations))
 
     def _prompt_ids(self, question: str, num_images: int, per_image: list[int]) -> list[int]:
-        seq = encode_generation_prompt(self.tokenizer, question, list(range(num_images)))
+        seq = encode_generation_prompt(self.collator.pieces, question, list(range(num_images)))
         return expand_image_tokens(seq, self.processor.image_token_id, per_image)[0]
 
     def generate(self, prompts: list[EmbedInput], *, max_new_tokens: int = 16) -> list[str]:

@@ -17,11 +17,38 @@ class Sequence:
     image_slots: list[int]
 
 
+class PieceTokenizer:
+    """A tokenizer's ids for chat pieces, each distinct text encoded once. Pieces are encoded on
+    their own, so a remembered text's ids are exactly what encoding it again would give; the
+    system prompt, role headers and instructions come back in every batch, and each row's own
+    text every epoch. Keeps at most `max_texts` texts (the oldest are forgotten first)."""
+
+    def __init__(self, tokenizer, max_texts: int = 200_000) -> None:
+        self.tokenizer = tokenizer
+        self.max_texts = max_texts
+        self._ids: dict[str, list[int]] = {}
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        found = {text: self._ids.get(text) for text in texts}
+        missing = [text for text, ids in found.items() if ids is None]
+        if missing:  # in one call: the per-call overhead is most of a short text's cost
+            for text, ids in zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]):
+                found[text] = ids
+                if len(self._ids) >= self.max_texts:
+                    del self._ids[next(iter(self._ids))]
+                self._ids[text] = ids
+        return [found[text] for text in texts]
+
+
 def _encode_pieces(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """`tokenizer`: a PieceTokenizer, or a tokenizer (each piece still encoded on its own)."""
     ids: list[int] = []
     labels: list[int] = []
-    # each piece on its own, as before, but in one call: the per-call overhead was most of the cost
-    encoded = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"]
+    texts = [text for text, _ in pieces]
+    if isinstance(tokenizer, PieceTokenizer):
+        encoded = tokenizer(texts)
+    else:
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for piece, (_, is_label) in zip(encoded, pieces):
         ids += piece
         labels += piece if is_label else [IGNORE_INDEX] * len(piece)

@@ -15,7 +15,13 @@ from cafe.prompts import (
     embedding_messages,
     first_exchanges,
 )
-from cafe.sequences import Sequence, encode_conversation, encode_embedding_prompt, expand_image_tokens
+from cafe.sequences import (
+    PieceTokenizer,
+    Sequence,
+    encode_conversation,
+    encode_embedding_prompt,
+    expand_image_tokens,
+)
 from tests.conftest import random_image
 
 CONVERSATIONS = {
@@ -85,6 +91,21 @@ def test_conversation_ids_equal_the_chat_template(processor, name):
     text = processor.tokenizer.apply_chat_template(messages, tokenize=False)
     assert "".join(piece for piece, _ in chat_pieces(messages)) == text
     assert text.count("You are a helpful assistant.") == (messages[0]["role"] != "system")
+
+
+def test_remembered_pieces_give_the_tokenizers_ids(processor):
+    """The collator's piece cache: the same sequences as the tokenizer's, on first sight, when
+    remembered, and after older texts are forgotten; it never holds more than its bound."""
+    pieces = PieceTokenizer(processor.tokenizer, max_texts=12)
+    rng = random.Random(0)
+    words = ["red", "blue", "circle", "square", "top", "left", "large", "small"]
+    for _ in range(30):
+        messages = [{"role": "user", "content": "<image>\n" + " ".join(rng.choices(words, k=3))},
+                    {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 6)))}]
+        assert encode_conversation(pieces, messages, [0]) == encode_conversation(processor.tokenizer, messages, [0])
+        text = rng.choice([None, " ".join(rng.choices(words, k=4))])
+        assert encode_embedding_prompt(pieces, text, [0]) == encode_embedding_prompt(processor.tokenizer, text, [0])
+        assert len(pieces._ids) <= 12
 
 
 @pytest.mark.parametrize(
