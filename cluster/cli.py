@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster import jobs  # heavy imports only once the config is known to be valid
     from cluster.session import init_ray
     from evaluation.suites import prepare_tasks
+    from trainers.tracking import RunConflict
 
     quiet_libraries()
 
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg, args.address)
         signal.signal(signal.SIGTERM, _stop)  # `ray job stop` sends SIGTERM: end like Ctrl-C (after Ray's own handler)
         run_command(args, cfg, jobs)
+    except RunConflict as err:  # found once MLflow is asked, after Ray has started
+        print(f"cafe {args.command}: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ncafe {args.command}: stopped; its MLflow run is marked KILLED. {RESUME_HINTS.get(args.command, '')}",
               file=sys.stderr)

@@ -85,3 +85,30 @@ def test_train_user_errors_are_one_line(tmp_path, train_dir, capsys, sets, messa
     assert err.startswith("cafe train: ")
     assert not ray.is_initialized()
     assert not Path(tmp_path, "mlflow.db").exists()
+
+
+def test_train_under_a_used_name_with_other_settings_is_one_line(tmp_path, train_dir, tiny_checkpoint, capsys,
+                                                                 monkeypatch):
+    """A run name already launched with other params: one line naming the param, exit code 2,
+    and the earlier run is left as it was (not flipped back to RUNNING)."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    import cluster.session
+    from trainers.tracking import finish_run, get_or_create_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    earlier = get_or_create_run(uri, "cafe", run_key="taken", params={"output_dir": "/somewhere/else"})
+    finish_run(uri, earlier)
+    capsys.readouterr()  # MLflow's own lines while creating the store
+    monkeypatch.setattr(cluster.session, "init_ray", lambda cfg, address: None)  # refused before any Ray work
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    code = train(tmp_path, "name=taken", "tracking.experiment=cafe", f"data.train_dir={train_dir}",
+                 "train.batch_size=1", f"model.checkpoint={tiny_checkpoint}")
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cafe train: MLflow run {earlier} was launched with output_dir='/somewhere/else'"), err
+    assert len(err.splitlines()) == 1 and "Set a new `name`" in err
+    run = MlflowClient(uri).get_run(earlier)
+    assert run.info.status == "FINISHED" and run.data.params == {"output_dir": "/somewhere/else"}

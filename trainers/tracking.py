@@ -56,14 +56,21 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, *, run_n
         identity["mlflow.parentRunId"] = parent_run_id
     if existing:
         run_id = existing[0].info.run_id
+        if params:  # a launch with other params is refused before the run is touched
+            log_params(client, run_id, params)
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=run_name or run_key, tags=identity).info.run_id
+        if params:
+            log_params(client, run_id, params)
     for key, value in (tags or {}).items():  # this launch's provenance (a resumed run shows its latest)
         client.set_tag(run_id, key, value)
-    if params:
-        log_params(client, run_id, params)
     return run_id
+
+
+class RunConflict(ValueError):
+    """A launch under a run name whose MLflow run was launched with other params: the user's to
+    fix (a new run name), reported as one line with exit code 2."""
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
@@ -73,8 +80,8 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
         text = str(value)[:MAX_PARAM_VAL_LENGTH]
         if key in logged:
             if logged[key] != text:
-                raise ValueError(f"run {run_id} was launched with {key}={logged[key]!r}; this launch has {text!r}. "
-                                 "Use a new run name to change it.")
+                raise RunConflict(f"MLflow run {run_id} was launched with {key}={logged[key]!r}; this launch has "
+                                  f"{text!r}. Set a new `name` to change it.")
             continue
         fresh.append(Param(key, text))
     for start in range(0, len(fresh), 100):  # MLflow's batch limit
