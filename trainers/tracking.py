@@ -56,13 +56,12 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, *, run_n
         identity["mlflow.parentRunId"] = parent_run_id
     if existing:
         run_id = existing[0].info.run_id
-        if params:  # a launch with other params is refused before the run is touched
-            log_params(client, run_id, params)
-        client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=run_name or run_key, tags=identity).info.run_id
-        if params:
-            log_params(client, run_id, params)
+    if params:  # a relaunch with other params is refused before its run is touched
+        log_params(client, run_id, params)
+    if existing:
+        client.update_run(run_id, status="RUNNING")
     for key, value in (tags or {}).items():  # this launch's provenance (a resumed run shows its latest)
         client.set_tag(run_id, key, value)
     return run_id
