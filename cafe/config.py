@@ -65,6 +65,7 @@ class ScenesConfig:
     eval_images: int = 100
     image_size: int = 128
     seed: int = 0
+    question_first: float = 0.25  # share of training conversations that ask their question before the caption
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,10 @@ def clock(seconds: float) -> str:
 
 def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+
+    # accelerate imports DeepSpeed when the driver saves a model; left to detect its device, DeepSpeed warns
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars

@@ -37,7 +37,7 @@ def prepare_scenes(cfg: ExperimentConfig) -> dict:
     """Draw the embedded data set (OneVision layout + evaluation files) into raw_dir."""
     s = cfg.data.scenes
     return write_scene_dataset(cfg.data.raw_dir, train_images=s.train_images, eval_images=s.eval_images,
-                               image_size=s.image_size, seed=s.seed)
+                               image_size=s.image_size, seed=s.seed, question_first=s.question_first)
 
 
 def ensure_checkpoint(cfg: ExperimentConfig) -> Path:

@@ -386,7 +386,7 @@ QUESTION_FIRST = 0.25  # share of conversations that open with a question about 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
-def conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
+def conversation(scene: Scene, rng: random.Random, question_first: float = QUESTION_FIRST) -> list[dict[str, str]]:
     """Describe -> caption and one QA exchange; most conversations open with the caption, a
     quarter with the question. Only the first turn carries the image, so a model learns both to
     caption and to answer a question asked with the image (as POPE asks). (One question, not
@@ -395,7 +395,7 @@ def conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
     qa = sample_qa(scene, rng)
     exchanges = [(rng.choice(DESCRIBE_PROMPTS), paraphrases(scene, rng, 1)[0]),
                  (f"{qa.question}\n{SHORT_ANSWER}", qa.answer)]
-    if rng.random() < QUESTION_FIRST:
+    if rng.random() < question_first:
         exchanges[0], exchanges[1] = exchanges[1], exchanges[0]
     turns = []
     for i, (question, answer) in enumerate(exchanges):
@@ -423,7 +423,9 @@ def _split_rng(seed: int, stream: str) -> random.Random:
     return random.Random(f"cafe-scenes:{seed}:{stream}")
 
 
-def draw_train_scenes(n: int, *, image_size: int, seed: int) -> Iterator[tuple[DrawnScene, list[dict[str, str]]]]:
+def draw_train_scenes(
+    n: int, *, image_size: int, seed: int, question_first: float = QUESTION_FIRST
+) -> Iterator[tuple[DrawnScene, list[dict[str, str]]]]:
     """Training scenes (never a held-out graph) with their conversations, in a fixed order."""
     rng = _split_rng(seed, "train")
     for i in range(n):
@@ -431,7 +433,7 @@ def draw_train_scenes(n: int, *, image_size: int, seed: int) -> Iterator[tuple[D
         while is_held_out(scene):
             scene = sample_scene(rng)
         drawn = DrawnScene(f"scenes_train_{i:06d}", scene, encode_png(render_scene(scene, size=image_size, rng=rng)))
-        yield drawn, conversation(scene, rng)
+        yield drawn, conversation(scene, rng, question_first)
 
 
 def draw_eval_scenes(n: int, *, image_size: int, seed: int, max_tries: int = 1000) -> list[DrawnScene]:
@@ -461,12 +463,12 @@ def _write_parquet(rows: list[dict], schema: pa.Schema, path: Path) -> None:
 
 
 def write_onevision(
-    out_dir: Path, n: int, *, image_size: int, seed: int, shard_rows: int
+    out_dir: Path, n: int, *, image_size: int, seed: int, shard_rows: int, question_first: float = QUESTION_FIRST
 ) -> tuple[list[Path], list[tuple[str, Scene]]]:
     """Training rows in the LLaVA-OneVision-Data layout, sharded; returns shards and graphs."""
     subset_dir = out_dir / "onevision" / SUBSET
     num_shards = max(1, math.ceil(n / shard_rows))
-    scenes = draw_train_scenes(n, image_size=image_size, seed=seed)
+    scenes = draw_train_scenes(n, image_size=image_size, seed=seed, question_first=question_first)
     paths: list[Path] = []
     graphs: list[tuple[str, Scene]] = []
     for k in range(num_shards):  # one shard in memory at a time
@@ -662,6 +664,7 @@ def write_scene_dataset(
     image_size: int = 128,
     seed: int = 0,
     shard_rows: int = 500,
+    question_first: float = QUESTION_FIRST,
 ) -> dict:
     """Write the training shards, the held-out evaluation files and the scene graphs.
 
@@ -669,7 +672,7 @@ def write_scene_dataset(
     """
     out_dir = Path(out_dir)
     train_shards, train_graphs = write_onevision(
-        out_dir, train_images, image_size=image_size, seed=seed, shard_rows=shard_rows
+        out_dir, train_images, image_size=image_size, seed=seed, shard_rows=shard_rows, question_first=question_first
     )
     eval_scenes = draw_eval_scenes(eval_images, image_size=image_size, seed=seed)
     eval_dir = out_dir / "eval"

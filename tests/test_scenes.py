@@ -30,6 +30,7 @@ from pipelines.scenes import (
     Shape,
     caption,
     describes_scene,
+    draw_train_scenes,
     is_held_out,
     make_scene,
     render_scene,
@@ -214,6 +215,21 @@ def test_onevision_layout_and_conversations(dataset):
                 assert text.endswith(f"\n{SHORT_ANSWER}")
                 assert answer["value"] == oracle(scene, text.removesuffix(f"\n{SHORT_ANSWER}"))
     assert 0 < question_first < len(rows) / 2  # about a quarter open with a question
+
+
+def test_question_first_only_reorders_the_exchanges():
+    """`question_first` moves the question before the caption and changes nothing else."""
+    def draw(question_first: float):
+        return list(draw_train_scenes(30, image_size=32, seed=3, question_first=question_first))
+
+    never, always = draw(0.0), draw(1.0)
+    for (scene_a, turns_a), (scene_b, turns_b) in zip(never, always, strict=True):
+        assert scene_a == scene_b
+        assert turns_a[0]["value"].removeprefix("<image>\n") in DESCRIBE_PROMPTS
+        assert turns_b[2]["value"] in DESCRIBE_PROMPTS
+        exchanges_a = {(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(turns_a[0::2], turns_a[1::2])}
+        exchanges_b = {(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(turns_b[0::2], turns_b[1::2])}
+        assert exchanges_a == exchanges_b
 
 
 def test_eval_scenes_are_distinct_and_held_out(dataset):
