@@ -17,6 +17,7 @@ from tuning.report import (
     plot_pareto,
     write_best_config,
     write_html,
+    write_seed_table,
     write_sweep_report,
     write_table,
 )
@@ -155,3 +156,21 @@ def test_report_without_objectives(summary: SweepSummary, tmp_path: Path) -> Non
     assert "No trial reported objective" in (tmp_path / "sweep.html").read_text()
     html_only = write_html(summary, tmp_path / "bare", [], paths[1])
     assert "<img" not in html_only.read_text()
+
+
+def test_seed_table_gives_each_setting_its_mean_and_range(tmp_path: Path) -> None:
+    def trial(i: int, arm: str, seed: int, r1: float) -> Trial:
+        return Trial(f"t{i}", "TERMINATED", {"arm": arm, "train.seed": seed}, {R1: r1, CAPTION: 0.4}, r1)
+
+    trials = [trial(0, "lm_only", 0, 0.01), trial(1, "cafe", 0, 0.2), trial(2, "lm_only", 1, 0.03),
+              trial(3, "cafe", 1, 0.6), trial(4, "cafe", 2, 0.4)]
+    summary = SweepSummary("ablation", "objective", "max", trials, ["arm", "train.seed"])
+    paths = write_sweep_report(summary, BASE, tmp_path, retrieval_metric=R1, caption_metric=CAPTION)
+    assert (tmp_path / "seeds.md") in paths
+    rows = {line.split(" | ")[0]: line for line in (tmp_path / "seeds.md").read_text().splitlines()[4:]}
+    assert rows.keys() == {"| arm=lm_only", "| arm=cafe"}
+    assert "| 0, 1, 2 |" in rows["| arm=cafe"] and "0.400 (0.200 to 0.600)" in rows["| arm=cafe"]
+    assert "0.020 (0.010 to 0.030)" in rows["| arm=lm_only"]
+    assert "Over training orders" in (tmp_path / "sweep.html").read_text()
+    summary.swept = ["arm"]
+    assert write_seed_table(summary, tmp_path / "one-seed") is None

@@ -134,6 +134,37 @@ def write_table(summary: SweepSummary, out_dir: Path) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
+SEED_KEY = "train.seed"
+
+
+def write_seed_table(summary: SweepSummary, out_dir: Path) -> Path | None:
+    """seeds.md when the sweep repeats settings over training orders (`train.seed` swept): per
+    setting, each headline metric's mean and range over its seeds, so that a difference between
+    two settings can be read against the spread within one. None when no seed is swept."""
+    if SEED_KEY not in summary.swept:
+        return None
+    keys = [k for k in summary.swept if k != SEED_KEY]
+    groups: dict[tuple, list[Trial]] = defaultdict(list)
+    for trial in summary.trials:
+        groups[tuple(_plain(trial.params.get(k)) for k in keys)].append(trial)
+    metrics = headline_metrics(summary.trials)
+    lines = [f"# {_md_escape(summary.name)}: mean (min to max) over training orders", "",
+             "| setting | seeds | " + " | ".join(_md_escape(m) for m in metrics) + " |",
+             "|---|---|" + "---:|" * len(metrics)]
+    for setting, trials in groups.items():
+        label = ", ".join(f"{k}={_fmt(v, 3)}" for k, v in zip(keys, setting)) or "all"
+        seeds = ", ".join(_fmt(_plain(t.params.get(SEED_KEY))) for t in trials)
+        cells = []
+        for metric in metrics:
+            values = [t.metrics[metric] for t in trials if math.isfinite(t.metrics.get(metric, math.nan))]
+            cells.append(f"{np.mean(values):.3f} ({min(values):.3f} to {max(values):.3f})" if values else "-")
+        lines.append(f"| {_md_escape(label)} | {seeds} | " + " | ".join(cells) + " |")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "seeds.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _plain(value: object) -> object:
     """numpy scalars (as Tune search spaces give) become Python ones, which yaml.safe_dump accepts."""
     return value.item() if isinstance(value, np.generic) else value
@@ -300,7 +331,8 @@ img { max-width: 100%; }
 code { background: #f2f2f2; padding: 0 0.2em; }"""
 
 
-def write_html(summary: SweepSummary, out_dir: Path, images: list[Path], tables_md: Path) -> Path:
+def write_html(summary: SweepSummary, out_dir: Path, images: list[Path], tables_md: Path,
+               seeds_md: Path | None = None) -> Path:
     """sweep.html: one self-contained page (inline CSS, images as data URIs, no external URL), so it
     opens anywhere, e.g. as an MLflow artifact or offline."""
     scored = sum(_score(t) is not None for t in summary.trials)
@@ -310,6 +342,8 @@ def write_html(summary: SweepSummary, out_dir: Path, images: list[Path], tables_
             + (", ".join(f"<code>{html.escape(k)}</code>" for k in summary.swept) or "nothing") + ".</p>",
             "<h2>Best trial</h2>", _html_best(summary),
             "<h2>Trials</h2>", _html_table(tables_md)]
+    if seeds_md is not None:
+        body += ["<h2>Over training orders</h2>", _html_table(seeds_md)]
     if images:
         body += ["<h2>Plots</h2>", *map(_html_image, images)]
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -326,8 +360,11 @@ def write_sweep_report(summary: SweepSummary, base_config: dict, out_dir: Path, 
     """Every artifact above into `out_dir`; returns the files written. A sweep where no trial reported
     its objective (e.g. all failed) still gets its tables and page, but no best_config.yaml."""
     paths = list(write_table(summary, out_dir))
+    tables_md, seeds_md = paths[1], write_seed_table(summary, out_dir)
+    if seeds_md is not None:
+        paths.append(seeds_md)
     if best_trial(summary) is not None:
         paths.append(write_best_config(summary, base_config, out_dir))
     images = [p for p in (plot_heatmap(summary, out_dir), plot_pareto(summary, out_dir, retrieval_metric,
                                                                       caption_metric)) if p is not None]
-    return [*paths, *images, write_html(summary, out_dir, images, paths[1])]
+    return [*paths, *images, write_html(summary, out_dir, images, tables_md, seeds_md)]
