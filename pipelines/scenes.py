@@ -397,6 +397,28 @@ def conversation(scene: Scene, rng: random.Random, question_first: float = QUEST
                  (f"{qa.question}\n{SHORT_ANSWER}", qa.answer)]
     if rng.random() < question_first:
         exchanges[0], exchanges[1] = exchanges[1], exchanges[0]
+    return _turns(exchanges)
+
+
+# Held-out questions: every type but "What is at ...?", whose four-word answer the generation
+# suite would read as a caption (its QA answers have at most `eval.qa_max_words` = 3 words).
+EVAL_QA_BUILDERS: tuple[QABuilder, ...] = (qa_count, qa_count_kind, qa_colour_at, qa_kind_at, qa_colour_of_kind,
+                                           qa_where, qa_size_of)
+
+
+def eval_conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
+    """The caption, then one question of every type that applies to the scene (4-7): the
+    generation suite asks each about the image alone, so QA exact match rests on 1,350 answers
+    for the default 200 scenes rather than about 200 (one answer: 0.07 points, not 0.5)."""
+    exchanges = [(rng.choice(DESCRIBE_PROMPTS), paraphrases(scene, rng, 1)[0])]
+    for build in EVAL_QA_BUILDERS:
+        if (qa := build(scene, rng)) is not None:
+            exchanges.append((f"{qa.question}\n{SHORT_ANSWER}", qa.answer))
+    return _turns(exchanges)
+
+
+def _turns(exchanges: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """OneVision turns; only the first carries the image."""
     turns = []
     for i, (question, answer) in enumerate(exchanges):
         turns += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question},
@@ -508,7 +530,7 @@ def write_generation(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> Pat
     """Held-out conversations (caption, then QA turns) in the OneVision layout, plus each scene's
     graph: the generation suite's caption loss, QA exact match and scene match."""
     rng = _split_rng(seed, "generation")
-    rows = [{"id": d.id, "image": {"bytes": d.png, "path": d.filename}, "conversations": conversation(d.scene, rng),
+    rows = [{"id": d.id, "image": {"bytes": d.png, "path": d.filename}, "conversations": eval_conversation(d.scene, rng),
              "data_source": SUBSET, "scene": json.dumps(d.scene.to_dict())} for d in scenes]
     path = eval_dir / "generation" / "scenes" / "test.parquet"
     _write_parquet(rows, GENERATION_SCHEMA, path)

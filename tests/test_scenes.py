@@ -232,6 +232,23 @@ def test_question_first_only_reorders_the_exchanges():
         assert exchanges_a == exchanges_b
 
 
+def test_held_out_conversations_caption_first_then_every_question_type(dataset):
+    out, result = dataset
+    graphs = _graphs(out, "eval")
+    rows = _rows(result["generation"])
+    assert len(rows) == EVAL
+    for row in rows:
+        scene, turns = graphs[row["id"]], row["conversations"]
+        assert turns[0]["value"].removeprefix("<image>\n") in DESCRIBE_PROMPTS
+        assert turns[1]["value"] in _all_captions(scene) and len(turns[1]["value"].split()) > 3
+        questions = [q["value"].removesuffix(f"\n{SHORT_ANSWER}") for q in turns[2::2]]
+        assert 4 <= len(questions) == len(set(questions)) <= 7
+        assert "How many shapes are there?" in questions and not any(q.startswith("What is") for q in questions)
+        for question, answer in zip(questions, turns[3::2]):
+            assert answer["value"] == oracle(scene, question)
+            assert len(answer["value"].split()) <= 3  # read as QA answers by the generation suite
+
+
 def test_eval_scenes_are_distinct_and_held_out(dataset):
     out, _ = dataset
     train, held = _graphs(out, "train"), _graphs(out, "eval")
