@@ -530,8 +530,9 @@ def write_generation(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> Pat
     """Held-out conversations (caption, then QA turns) in the OneVision layout, plus each scene's
     graph: the generation suite's caption loss, QA exact match and scene match."""
     rng = _split_rng(seed, "generation")
-    rows = [{"id": d.id, "image": {"bytes": d.png, "path": d.filename}, "conversations": eval_conversation(d.scene, rng),
-             "data_source": SUBSET, "scene": json.dumps(d.scene.to_dict())} for d in scenes]
+    rows = [{"id": d.id, "image": {"bytes": d.png, "path": d.filename},
+             "conversations": eval_conversation(d.scene, rng), "data_source": SUBSET,
+             "scene": json.dumps(d.scene.to_dict())} for d in scenes]
     path = eval_dir / "generation" / "scenes" / "test.parquet"
     _write_parquet(rows, GENERATION_SCHEMA, path)
     return path
