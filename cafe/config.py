@@ -65,7 +65,10 @@ class ScenesConfig:
     eval_images: int = 100
     image_size: int = 128
     seed: int = 0
-    question_first: float = 0.25  # share of training conversations that ask their question before the caption
+    # share of training conversations that ask their question before the caption. Evaluation asks
+    # every question about the image alone; asked after the caption, the answer is in the text.
+    # 0.5 against 0.25, same base budget: held-out QA exact match 0.60 against 0.54, captions alike.
+    question_first: float = 0.5
 
 
 @dataclass(kw_only=True)

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from cafe.config import ScenesConfig
 from cafe.prompts import IMAGE_TOKEN
 
 KINDS = ("circle", "square", "triangle", "star", "diamond")
@@ -381,14 +382,14 @@ def sample_qa(scene: Scene, rng: random.Random, builders: tuple[QABuilder, ...] 
             return qa
 
 
-QUESTION_FIRST = 0.25  # share of conversations that open with a question about the image, as VQA data does
+QUESTION_FIRST = ScenesConfig.question_first  # share of conversations that open with a question about the image
 # LLaVA's instruction for short-answer questions in its training data (lmms-eval's POPE prompt ends with it too)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
 def conversation(scene: Scene, rng: random.Random, question_first: float = QUESTION_FIRST) -> list[dict[str, str]]:
-    """Describe -> caption and one QA exchange; most conversations open with the caption, a
-    quarter with the question. Only the first turn carries the image, so a model learns both to
+    """Describe -> caption and one QA exchange; `question_first` of the conversations open with
+    the question. Only the first turn carries the image, so a model learns both to
     caption and to answer a question asked with the image (as POPE asks). (One question, not
     several: the image's tokens are paid once per conversation, and a second question costs a
     2-core step more than it teaches.)"""

@@ -214,7 +214,7 @@ def test_onevision_layout_and_conversations(dataset):
                 text = question["value"].removeprefix("<image>\n")
                 assert text.endswith(f"\n{SHORT_ANSWER}")
                 assert answer["value"] == oracle(scene, text.removesuffix(f"\n{SHORT_ANSWER}"))
-    assert 0 < question_first < len(rows) / 2  # about a quarter open with a question
+    assert 0 < question_first < len(rows)  # about half open with a question
 
 
 def test_question_first_only_reorders_the_exchanges():
