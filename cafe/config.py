@@ -67,7 +67,8 @@ class ScenesConfig:
     seed: int = 0
     # share of training conversations that ask their question before the caption. Evaluation asks
     # every question about the image alone; asked after the caption, the answer is in the text.
-    # 0.5 against 0.25, same base budget: held-out QA exact match 0.60 against 0.54, captions alike.
+    # 0.5 against 0.25, same base budget: QA exact match 0.60 against 0.54 (181 held-out questions),
+    # MMEB 0.12 against 0.06, caption loss 0.457 against 0.464.
     question_first: float = 0.5
 
 
