@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as err:
         print(f"cafe: config error: {err}", file=sys.stderr)
         return 2
+    from cluster.session import init_ray, keep_local_ray_on_loopback
+
+    keep_local_ray_on_loopback(args.address)
     from cafe.logs import quiet_libraries
     from cluster import jobs  # heavy imports only once the config is known to be valid
-    from cluster.session import init_ray
     from evaluation.suites import prepare_tasks
     from trainers.tracking import RunConflict
 

@@ -5,9 +5,18 @@ import logging
 import os
 import socket
 
-import ray
-
 from cafe.config import ExperimentConfig
+
+# Ray picks a loopback node address, on which its servers (GCS, raylet, every worker) listen
+# instead of on all interfaces, only where it thinks clusters unsupported; it reads this at import.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_local_ray_on_loopback(address: str | None) -> None:
+    """Call before Ray is imported: an in-process Ray (no cluster address) is a one-node cluster
+    that nothing else has to reach, so all of its servers bind 127.0.0.1."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
 
 
 def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
@@ -15,6 +24,8 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     Ray starts in this process (`address="local"`: never silently joins a head that happens to
     run on this machine). Locally, logical CPUs cover every train worker plus the data
     and evaluation tasks, so on a 2-core laptop neither side waits forever for the other."""
+    import ray
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -40,7 +51,6 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     single_node = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                        include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-                       _node_ip_address="127.0.0.1",
                        logging_level=logging.WARNING,  # Ray's start-up chatter stays in its session logs
                        runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu",
                                                  **api_server, **single_node}})

@@ -1,6 +1,7 @@
 """cluster/local.sh: one command for a local Ray head and MLflow server. Each test owns its
 CAFE_HOME, HOME (so the Ray token is generated for it), ports and Ray temp dir, so it never
 touches another Ray cluster on the machine."""
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from mlflow import MlflowClient
@@ -30,6 +32,50 @@ def free_port() -> int:
 def local(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def tcp_listeners(root_pids: list[int]) -> list[tuple[str, str]]:
+    """(process name, address) of every TCP socket listening in the given process trees."""
+    found = []
+    for root in root_pids:
+        try:
+            tree = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in tree:
+            try:
+                sockets = proc.net_connections("tcp")
+            except psutil.NoSuchProcess:
+                continue
+            found += [(proc.name(), c.laddr.ip) for c in sockets if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+IN_PROCESS_RAY = """
+import json, os
+from cluster.session import keep_local_ray_on_loopback
+keep_local_ray_on_loopback(None)
+from cafe.config import load_config
+from cluster.session import init_ray
+init_ray(load_config(None, ["train.num_workers=1", "eval.num_actors=1"]))
+import ray
+ray.get(ray.remote(lambda: 0).remote())  # a worker process too
+from tests.test_local_cluster import tcp_listeners
+print(json.dumps(tcp_listeners([os.getpid()])))
+"""
+
+
+def test_in_process_ray_listens_on_loopback_only(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    done = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", IN_PROCESS_RAY], cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env={**env, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    listeners = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any(name == "gcs_server" for name, _ in listeners), listeners
+    assert all(ip in LOOPBACK for _, ip in listeners), listeners
 
 
 @pytest.fixture
@@ -143,6 +189,9 @@ def test_up_status_submit_down(env, tmp_path):
         up = local(env, "up", *ray_flags, timeout=420)
         groups = [int(p.read_text()) for p in state.glob("*.pid")]
         assert up.returncode == 0, up.stdout + up.stderr
+        listeners = tcp_listeners(groups)
+        assert any(name == "gcs_server" for name, _ in listeners), listeners
+        assert all(ip in LOOPBACK for _, ip in listeners), listeners  # Ray's and MLflow's servers alike
         token = (Path(env["HOME"]) / ".ray" / "auth_token").read_text().strip()
 
         status = local(env, "status")
