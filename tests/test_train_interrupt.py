@@ -21,8 +21,10 @@ STEPS, CHECKPOINT_EVERY = 120, 10
 def cafe(command: str, overrides: list[str], log: Path) -> subprocess.Popen:
     args = [sys.executable, "-m", "cluster.cli", command, "--config", "configs/demo.yaml"]
     args += [part for item in overrides for part in ("--set", item)]
-    # its own process group, as a terminal's foreground job: a signal reaches Ray's processes too
-    return subprocess.Popen(args, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+    # its own process group, as a terminal's foreground job: a signal reaches Ray's processes too;
+    # and Ctrl-C's default action, which a suite started in the background inherits as "ignore"
+    return subprocess.Popen(args, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def logged_steps(tracking_uri: str) -> tuple[str | None, list[int]]:
