@@ -6,8 +6,10 @@ an answer of at most `qa_max_words` words is a QA answer, generated greedily and
 exact match after normalisation; a longer one is a caption, whose assistant tokens give the
 caption loss (NLL per token) and perplexity. Where a row carries its scene graph (the
 embedded scenes), its first caption is also generated greedily and scored by scene match: the
-share of scenes whose caption names exactly their shapes and colours. Multi-turn context is not carried over, so every
-exchange asks its question about the image alone, as the scenes' QA turns do.
+share of scenes whose caption names exactly their shapes and colours. Where a row names each
+exchange's question type (`question_types`, one per exchange), QA exact match is also given per
+type. Multi-turn context is not carried over, so every exchange asks its question about the
+image alone, as the scenes' QA turns do.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class Exchange:
     answer: str
     image: bytes | None
     scene: dict | None = None  # the row's exact scene graph, where the file has one (the embedded scenes)
+    question_type: str | None = None  # "count", "where", ..., where the file names them
 
     def messages(self) -> list[dict]:
         user = f"{IMAGE_TOKEN}\n{self.question}" if self.image is not None else self.question
@@ -52,27 +55,37 @@ def load_exchanges(path: str | Path) -> tuple[list[Exchange], list[dict]]:
     missing = {"id", "image", "conversations"} - set(table.column_names)
     if missing:
         raise ValueError(f"{path}: no column {sorted(missing)}; a generation file has id, image, conversations")
-    scenes = table["scene"].to_pylist() if "scene" in table.column_names else [None] * table.num_rows
+    columns = [table[c].to_pylist() if c in table.column_names else [None] * table.num_rows
+               for c in ("id", "image", "conversations", "scene", "question_types")]  # the last two optional
     exchanges, skipped = [], []
-    columns = (table[c].to_pylist() for c in ("id", "image", "conversations"))
-    for row, (row_id, image, turns, scene) in enumerate(zip(*columns, scenes)):
+    for row, (row_id, image, turns, scene, types) in enumerate(zip(*columns)):
         try:
-            turns = normalise_conversation(turns)
+            pairs = _exchange_pairs(normalise_conversation(turns))
+            if types is not None and len(types) != len(pairs):
+                raise Rejected("malformed_row",
+                               f"question_types names {len(types)} exchanges, the conversation has {len(pairs)}")
         except Rejected as err:
             skipped.append({"row": row, "id": row_id, "file": str(path), "reason": str(err)})
             continue
         data = image["bytes"] if image else None
-        user = None
-        for turn in turns:
-            if turn["role"] == "user":
-                user = turn["content"].replace(IMAGE_TOKEN, "").strip()
-            elif turn["role"] == "assistant" and user is not None:
-                exchanges.append(Exchange(row, str(row_id), user, turn["content"], data,
-                                          json.loads(scene) if scene else None))
-                user = None
+        graph = json.loads(scene) if scene else None
+        for k, (question, answer) in enumerate(pairs):
+            exchanges.append(Exchange(row, str(row_id), question, answer, data, graph, types[k] if types else None))
     if not exchanges and not skipped:
         raise ValueError(f"{path}: no (user, assistant) exchanges to score")
     return exchanges, skipped
+
+
+def _exchange_pairs(turns: list[dict]) -> list[tuple[str, str]]:
+    """(user text without image tokens, assistant answer) for each exchange, in order."""
+    pairs, user = [], None
+    for turn in turns:
+        if turn["role"] == "user":
+            user = turn["content"].replace(IMAGE_TOKEN, "").strip()
+        elif turn["role"] == "assistant" and user is not None:
+            pairs.append((user, turn["content"]))
+            user = None
+    return pairs
 
 
 def generation_metrics(caption_nll: float, caption_tokens: int, qa_hits: int, qa_total: int) -> dict[str, float]:
@@ -82,6 +95,18 @@ def generation_metrics(caption_nll: float, caption_tokens: int, qa_hits: int, qa
         metrics["perplexity"] = math.exp(metrics["caption_loss"])
     if qa_total:
         metrics["qa_exact_match"] = qa_hits / qa_total
+    return metrics
+
+
+def qa_by_type_metrics(results: list[tuple[str, bool]]) -> dict[str, float]:
+    """`results`: (question type, exact match) per answered QA exchange whose type is named."""
+    by_type: dict[str, list[bool]] = {}
+    for question_type, hit in results:
+        by_type.setdefault(question_type, []).append(hit)
+    metrics = {}
+    for question_type, hits in sorted(by_type.items()):
+        metrics[f"qa_exact_match/{question_type}"] = sum(hits) / len(hits)
+        metrics[f"qa_count/{question_type}"] = float(len(hits))
     return metrics
 
 

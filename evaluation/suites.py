@@ -118,6 +118,7 @@ def generation_task(name: str, path: Path, _image_root: Path | None, cfg: EvalCo
     def score(ans: Answers) -> SuiteResult:
         skipped = list(unread)
         nll = tokens = hits = total = 0
+        typed: list[tuple[str, bool]] = []
         for i, ex in enumerate(captions):
             if ans.errors[i]:
                 skipped.append({"row": ex.row, "id": ex.row_id, "reason": ans.errors[i]})
@@ -127,13 +128,15 @@ def generation_task(name: str, path: Path, _image_root: Path | None, cfg: EvalCo
             if ans.errors[j]:
                 skipped.append({"row": ex.row, "id": ex.row_id, "reason": ans.errors[j]})
                 continue
-            total += 1
-            hits += generation.normalise_answer(ans.texts[j]) == generation.normalise_answer(ex.answer)
+            hit = generation.normalise_answer(ans.texts[j]) == generation.normalise_answer(ex.answer)
+            total, hits = total + 1, hits + hit
+            if ex.question_type is not None:
+                typed.append((ex.question_type, hit))
         start = len(captions) + len(qa)
         greedy = [(ex, ans.texts[start + k]) for k, ex in enumerate(generated) if not ans.errors[start + k]]
         samples = [{"id": ex.row_id, "prompt": ex.question, "truth": ex.answer, "greedy": text}
                    for ex, text in greedy[: cfg.caption_samples]]
-        metrics = generation.generation_metrics(nll, tokens, hits, total)
+        metrics = generation.generation_metrics(nll, tokens, hits, total) | generation.qa_by_type_metrics(typed)
         if graded:
             metrics |= generation.scene_match_metrics(
                 [(describes_scene(text, ex.scene), len(ex.scene["shapes"])) for ex, text in greedy])

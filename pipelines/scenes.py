@@ -82,8 +82,10 @@ ONEVISION_SCHEMA = pa.schema(
         pa.field("data_source", pa.string()),
     ]
 )
-# the generation file adds each row's exact scene graph (JSON), which scene_match scores captions against
-GENERATION_SCHEMA = ONEVISION_SCHEMA.append(pa.field("scene", pa.string()))
+# the generation file adds each row's exact scene graph (JSON), which scene_match scores captions
+# against, and each exchange's question type, by which QA exact match is broken down
+GENERATION_SCHEMA = ONEVISION_SCHEMA.append(pa.field("scene", pa.string())).append(
+    pa.field("question_types", pa.list_(pa.string())))
 RETRIEVAL_SCHEMA = pa.schema(
     [
         pa.field("image", IMAGE_STRUCT),
@@ -407,15 +409,18 @@ EVAL_QA_BUILDERS: tuple[QABuilder, ...] = (qa_count, qa_count_kind, qa_colour_at
                                            qa_where, qa_size_of)
 
 
-def eval_conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
+def eval_conversation(scene: Scene, rng: random.Random) -> tuple[list[dict[str, str]], list[str]]:
     """The caption, then one question of every type that applies to the scene (4-7): the
     generation suite asks each about the image alone, so QA exact match rests on 1,350 answers
-    for the default 200 scenes rather than about 200 (one answer: 0.07 points, not 0.5)."""
-    exchanges = [(rng.choice(DESCRIBE_PROMPTS), paraphrases(scene, rng, 1)[0])]
+    for the default 200 scenes rather than about 200 (one answer: 0.07 points, not 0.5).
+    Also each exchange's type ("caption", then the builder's name: "count", "where", ...), by
+    which the suite breaks QA exact match down: one skill at chance hides in the mean."""
+    exchanges, types = [(rng.choice(DESCRIBE_PROMPTS), paraphrases(scene, rng, 1)[0])], ["caption"]
     for build in EVAL_QA_BUILDERS:
         if (qa := build(scene, rng)) is not None:
             exchanges.append((f"{qa.question}\n{SHORT_ANSWER}", qa.answer))
-    return _turns(exchanges)
+            types.append(build.__name__.removeprefix("qa_"))
+    return _turns(exchanges), types
 
 
 def _turns(exchanges: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -529,11 +534,14 @@ def write_retrieval(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> Path
 
 def write_generation(eval_dir: Path, scenes: list[DrawnScene], seed: int) -> Path:
     """Held-out conversations (caption, then QA turns) in the OneVision layout, plus each scene's
-    graph: the generation suite's caption loss, QA exact match and scene match."""
+    graph and each exchange's question type: the generation suite's caption loss, QA exact
+    match (overall and by type) and scene match."""
     rng = _split_rng(seed, "generation")
-    rows = [{"id": d.id, "image": {"bytes": d.png, "path": d.filename},
-             "conversations": eval_conversation(d.scene, rng), "data_source": SUBSET,
-             "scene": json.dumps(d.scene.to_dict())} for d in scenes]
+    rows = []
+    for d in scenes:
+        turns, types = eval_conversation(d.scene, rng)
+        rows.append({"id": d.id, "image": {"bytes": d.png, "path": d.filename}, "conversations": turns,
+                     "data_source": SUBSET, "scene": json.dumps(d.scene.to_dict()), "question_types": types})
     path = eval_dir / "generation" / "scenes" / "test.parquet"
     _write_parquet(rows, GENERATION_SCHEMA, path)
     return path

@@ -7,8 +7,10 @@ import json
 import pickle
 import random
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,9 +21,10 @@ from mlflow import MlflowClient
 from cafe.config import EvalConfig, ExperimentConfig, load_config
 from cafe.inference import InferenceModel
 from evaluation.backends import ActorPool, in_process, model_call, rank_share, training_workers
+from evaluation.generation import is_short_answer, load_exchanges
 from evaluation.requests import Answers, Request
 from evaluation.run import RunRef, evaluate_checkpoint
-from evaluation.suites import prepare_tasks
+from evaluation.suites import generation_task, prepare_tasks
 from pipelines.scenes import CAPTION_TEMPLATES, Scene, caption, write_scene_dataset
 from tests.conftest import random_image
 
@@ -173,6 +176,35 @@ def test_scene_match_scores_each_scenes_greedy_caption(scenes_config):
         expected = sum(s is not scenes[0] for s in singles) / len(singles)
         assert result.metrics["scene_match_single"] == pytest.approx(expected)
     assert result.samples[0]["greedy"] == texts[graded[0][0]]
+
+
+def test_qa_exact_match_by_question_type(scenes_config, tmp_path):
+    """Answers written by hand: every QA answer right but the "where" ones, so that type alone
+    scores 0 and the overall share is the others' count over all; a row whose question_types
+    does not fit its conversation is skipped with a reason, not scored untyped."""
+    table = pq.read_table(Path(scenes_config.data.eval_dir) / "generation" / "scenes" / "test.parquet")
+    types = table["question_types"].to_pylist()
+    types[0] = types[0][:-1]
+    path = tmp_path / "test.parquet"
+    pq.write_table(table.set_column(table.column_names.index("question_types"), "question_types",
+                                    pa.array(types, table.schema.field("question_types").type)), path)
+    task = generation_task("scenes", path, None, scenes_config.eval)
+    exchanges, _ = load_exchanges(path)
+    qa = [ex for ex in exchanges if is_short_answer(ex.answer, scenes_config.eval.qa_max_words)]
+    first_qa = next(i for i, r in enumerate(task.requests) if r.op == "generate")
+    texts = [""] * len(task.requests)
+    for i, ex in enumerate(qa, start=first_qa):
+        texts[i] = "nowhere" if ex.question_type == "where" else ex.answer.upper() + "."
+    n = len(task.requests)
+    result = task.score(Answers(np.zeros((n, 1), np.float32), texts, np.ones(n), np.ones(n, np.int64), [""] * n))
+    m = result.metrics
+    counts = {k.split("/")[1]: v for k, v in m.items() if k.startswith("qa_count/")}
+    assert set(counts) == {"count", "count_kind", "colour_at", "kind_at", "colour_of_kind", "where", "size_of"}
+    assert sum(counts.values()) == m["qa_count"] == len(qa)
+    assert m["qa_exact_match/where"] == 0
+    assert all(m[f"qa_exact_match/{t}"] == 1 for t in counts if t != "where")
+    assert m["qa_exact_match"] == pytest.approx(1 - counts["where"] / len(qa))
+    assert "question_types names" in result.skipped[0]["reason"] and result.skipped[0]["row"] == 0
 
 
 def test_bad_suites_and_paths_fail_before_any_model(scenes_config):

@@ -247,6 +247,16 @@ def test_held_out_conversations_caption_first_then_every_question_type(dataset):
         for question, answer in zip(questions, turns[3::2]):
             assert answer["value"] == oracle(scene, question)
             assert len(answer["value"].split()) <= 3  # read as QA answers by the generation suite
+        assert row["question_types"] == ["caption"] + [question_type(q) for q in questions]
+
+
+def question_type(question: str) -> str:
+    types = {r"How many shapes are there\?": "count", r"How many \w+s are there\?": "count_kind",
+             r"What color is the shape .+\?": "colour_at", r"What shape is .+\?": "kind_at",
+             r"What color is the \w+\?": "colour_of_kind", r"Where is the \w+ \w+\?": "where",
+             r"Is the \w+ \w+ large or small\?": "size_of"}
+    # the first that fits: "How many shapes are there?" fits count_kind's pattern too
+    return next(t for pattern, t in types.items() if re.fullmatch(pattern, question))
 
 
 def test_eval_scenes_are_distinct_and_held_out(dataset):
