@@ -17,6 +17,7 @@ share of "other" replies is reported next to the scores. Pure Python + pyarrow.
 from __future__ import annotations
 
 import json
+import math
 import os
 import string
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ def _scores(labels: list[str], answers: list[str]) -> dict[str, float]:
     tp = sum(lab == "yes" and ans == "yes" for lab, ans in zip(labels, answers))
     fp = sum(lab == "no" and ans == "yes" for lab, ans in zip(labels, answers))
     tn = sum(lab == "no" and ans == "no" for lab, ans in zip(labels, answers))
-    predicted_yes, actual_yes, n = tp + fp, labels.count("yes"), len(labels)
+    predicted_yes, predicted_no, actual_yes, n = tp + fp, answers.count("no"), labels.count("yes"), len(labels)
     precision = tp / predicted_yes if predicted_yes else 0.0
     recall = tp / actual_yes if actual_yes else 0.0  # a yes question answered "other" is a miss
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -129,6 +130,8 @@ def _scores(labels: list[str], answers: list[str]) -> dict[str, float]:
         "f1": f1,
         "yes_ratio": predicted_yes / n,
         "other_ratio": answers.count("other") / n,
+        # an answerer that never looks at the image but says yes and no as often as this one
+        "blind_accuracy": (predicted_yes * actual_yes + predicted_no * (n - actual_yes)) / n**2,
         "count": float(n),
     }
 
@@ -138,7 +141,10 @@ def pope_metrics(labels: list[str], answers: list[str], categories: list[str]) -
 
     `answers` are replies or `parse_answer` outputs (parsing again changes nothing); an "other"
     answer is always wrong. `yes_ratio` is the share of PREDICTIONS that are yes, not of the
-    ground truth (which lmms-eval reports): a model that says yes too often shows here."""
+    ground truth (which lmms-eval reports): a model that says yes too often shows here.
+    `blind_accuracy` is what answering yes and no at the model's rates, without the image,
+    scores on average: accuracy above it is presence judgement, while F1 also rises with the
+    yes rate alone."""
     if not len(labels) == len(answers) == len(categories):
         raise ValueError(f"{len(labels)} labels, {len(answers)} answers, {len(categories)} categories")
     if not labels:
@@ -151,3 +157,27 @@ def pope_metrics(labels: list[str], answers: list[str], categories: list[str]) -
         part = _scores([labels[i] for i in keep], [answers[i] for i in keep])
         metrics |= {f"{category}/{key}": value for key, value in part.items()}
     return metrics
+
+
+
+def chance_notes(columns: dict[str, dict[str, float]]) -> list[str]:
+    """One line per POPE data set on which no column's accuracy beats its `blind_accuracy` by two
+    standard errors: there F1 differences follow the yes rate, not hallucination. `columns`:
+    label -> eval/<suite>/<dataset>/<metric> metrics (e.g. base | CAFe)."""
+    notes = []
+    datasets = sorted({k.split("/")[2] for c in columns.values() for k in c if k.startswith("eval/pope/")})
+    for dataset in datasets:
+        prefix = f"eval/pope/{dataset}/"
+        rows = []
+        for label, m in columns.items():
+            if prefix + "blind_accuracy" in m:
+                accuracy = m[prefix + "accuracy"]
+                margin = 2 * math.sqrt(accuracy * (1 - accuracy) / m[prefix + "count"])
+                rows.append((label, accuracy, m[prefix + "blind_accuracy"], margin))
+        if rows and all(accuracy - blind <= margin for _, accuracy, blind, margin in rows):
+            shown = ", ".join(f"{label} {accuracy:.3f} vs {blind:.3f}" for label, accuracy, blind, _ in rows)
+            notes.append(f"POPE {dataset}: no model answers better than an image-blind answerer with its yes rate "
+                         f"(accuracy vs blind accuracy: {shown}; two standard errors at most "
+                         f"{max(r[3] for r in rows):.3f}), so F1 here follows how often a model says yes, not "
+                         "whether it hallucinates.")
+    return notes

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.backends import Backend
+from evaluation.pope import chance_notes
 from evaluation.requests import Request
 from evaluation.suites import SuiteResult, SuiteTask
 
 # the numbers a person compares first, in this order (others stay in the JSON and in MLflow)
-HEADLINE = ("i2t_r1", "t2i_r1", "modality_gap", "overall", "meta/", "f1", "accuracy", "yes_ratio", "caption_loss",
-            "qa_exact_match", "qa_exact_match/", "scene_match", "scene_match_single")
+HEADLINE = ("i2t_r1", "t2i_r1", "modality_gap", "overall", "meta/", "f1", "accuracy", "blind_accuracy", "yes_ratio",
+            "caption_loss", "qa_exact_match", "qa_exact_match/", "scene_match", "scene_match_single")
 
 
 @dataclass(slots=True)
@@ -49,13 +50,15 @@ def headline(metrics: dict[str, float]) -> list[str]:
 
 
 def comparison_markdown(columns: dict[str, dict[str, float]]) -> str:
-    """Headline metrics of several scorecards side by side (e.g. base | CAFe)."""
+    """Headline metrics of several scorecards side by side (e.g. base | CAFe), with a note under
+    the table where POPE is at chance for every one of them."""
     names = headline(next(iter(columns.values())))
     lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name in names:
         values = [f"{c[name]:.3f}" if name in c else "-" for c in columns.values()]
         lines.append(f"| `{name}` | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+    notes = chance_notes(columns)  # a number that measures nothing here says so under the table
+    return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else []))
 
 
 def _markdown(card: Scorecard, title: str) -> str:

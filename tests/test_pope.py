@@ -8,7 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from evaluation.pope import POPE_PROMPT_SUFFIX, PopeItem, load_pope, parse_answer, pope_metrics, pope_prompt
+from evaluation.pope import (
+    POPE_PROMPT_SUFFIX,
+    PopeItem,
+    chance_notes,
+    load_pope,
+    parse_answer,
+    pope_metrics,
+    pope_prompt,
+)
 
 # Matrix A, 10 questions. yes questions: yes, yes, yes, no, "maybe" -> TP 3, FN 2 (one "other").
 # no questions: no, no, no, yes, "I cannot tell" -> TN 3, FP 1, one "other" (a wrong answer, not a TN).
@@ -21,6 +29,7 @@ A_METRICS = {
     "f1": 2 * 0.75 * 0.6 / 1.35,
     "yes_ratio": 4 / 10,  # predicted yes: TP + FP
     "other_ratio": 2 / 10,
+    "blind_accuracy": (4 * 5 + 4 * 5) / 100,  # says yes 4 and no 4 times in 10, blind to 5 yes and 5 no questions
     "count": 10.0,
 }
 # Matrix B, a model that says yes to everything, 4 yes and 2 no questions: TP 4, FP 2, TN 0, FN 0.
@@ -28,6 +37,7 @@ B_LABELS = ["yes", "no", "yes", "yes", "no", "yes"]
 B_ANSWERS = ["yes"] * 6
 B_METRICS = {
     "accuracy": 4 / 6, "precision": 4 / 6, "recall": 1.0, "f1": 0.8, "yes_ratio": 1.0, "other_ratio": 0.0, "count": 6.0,
+    "blind_accuracy": 4 / 6,  # yes to everything needs no image: its accuracy is all blind
 }
 
 
@@ -60,7 +70,7 @@ def test_no_yes_predictions_give_zero_precision():
     metrics = pope_metrics(["yes", "no"], ["dunno", "no"], ["", ""])
     assert metrics == pytest.approx({
         "accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0, "other_ratio": 0.5,
-        "count": 2.0,
+        "count": 2.0, "blind_accuracy": 1 / 4,
     })
 
 
@@ -71,9 +81,27 @@ def test_per_category_split():
     # overall: TP 7, FP 3, TN 3, FN 3, 2 other, 16 questions
     expected |= {
         "accuracy": 10 / 16, "precision": 7 / 10, "recall": 7 / 9, "f1": 2 * 0.7 * (7 / 9) / (0.7 + 7 / 9),
-        "yes_ratio": 10 / 16, "other_ratio": 2 / 16, "count": 16.0,
+        "yes_ratio": 10 / 16, "other_ratio": 2 / 16, "count": 16.0, "blind_accuracy": (10 * 9 + 4 * 7) / 16**2,
     }
     assert metrics == pytest.approx(expected)
+
+
+def test_a_note_where_no_model_beats_an_image_blind_answerer():
+    """The demo's base and CAFe model at chance (accuracy 0.502 and 0.503 over 2,604 probes while
+    saying yes 80% and 92% of the time) get one note; a model 0.64 right at a 0.42 yes rate does
+    not, and neither does the pair when it is one of them."""
+    def card(accuracy, yes_ratio, count=2604.0):
+        blind = 0.5 * yes_ratio + 0.5 * (1 - yes_ratio)
+        return {"eval/pope/scenes/accuracy": accuracy, "eval/pope/scenes/blind_accuracy": blind,
+                "eval/pope/scenes/count": count, "eval/retrieval/scenes/i2t_r1": 0.3}
+
+    at_chance = {"base": card(0.502, 0.795), "CAFe": card(0.503, 0.916)}
+    (note,) = chance_notes(at_chance)
+    assert note.startswith("POPE scenes:") and "base 0.502 vs 0.500, CAFe 0.503 vs 0.500" in note
+    assert chance_notes({"base": card(0.64, 0.42)}) == []
+    assert chance_notes(at_chance | {"deeper": card(0.64, 0.42)}) == []
+    assert chance_notes({"base": card(0.52, 0.5, count=100.0)}) != []  # 2 points over 100 probes: within noise
+    assert chance_notes({"base": {"eval/retrieval/scenes/i2t_r1": 0.3}}) == []
 
 
 def test_metric_inputs_are_checked():
