@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,16 +99,41 @@ def generation_metrics(caption_nll: float, caption_tokens: int, qa_hits: int, qa
     return metrics
 
 
-def qa_by_type_metrics(results: list[tuple[str, bool]]) -> dict[str, float]:
-    """`results`: (question type, exact match) per answered QA exchange whose type is named."""
-    by_type: dict[str, list[bool]] = {}
-    for question_type, hit in results:
-        by_type.setdefault(question_type, []).append(hit)
+def qa_by_type_metrics(results: list[tuple[str, str, bool]]) -> dict[str, float]:
+    """`results`: (question type, true answer, exact match) per answered QA exchange whose type
+    is named. Per type: exact match, count, and `qa_majority/<type>`, the share of its commonest
+    true answer: what always giving that answer scores (e.g. "0" to "How many stars?")."""
+    by_type: dict[str, list[tuple[str, bool]]] = {}
+    for question_type, truth, hit in results:
+        by_type.setdefault(question_type, []).append((normalise_answer(truth), hit))
     metrics = {}
-    for question_type, hits in sorted(by_type.items()):
-        metrics[f"qa_exact_match/{question_type}"] = sum(hits) / len(hits)
-        metrics[f"qa_count/{question_type}"] = float(len(hits))
+    for question_type, answered in sorted(by_type.items()):
+        n = len(answered)
+        metrics[f"qa_exact_match/{question_type}"] = sum(hit for _, hit in answered) / n
+        metrics[f"qa_majority/{question_type}"] = Counter(truth for truth, _ in answered).most_common(1)[0][1] / n
+        metrics[f"qa_count/{question_type}"] = float(n)
     return metrics
+
+
+def majority_notes(columns: dict[str, dict[str, float]]) -> list[str]:
+    """One line per data set listing the question types on which no column's exact match beats
+    always giving the commonest answer by two standard errors: a skill not learnt, whatever the
+    overall QA exact match says. `columns`: label -> eval/<suite>/<dataset>/<metric> metrics."""
+    notes = []
+    names = sorted({k for c in columns.values() for k in c if k.startswith("eval/generation/")
+                    and k.split("/", 3)[3].startswith("qa_majority/")})
+    by_dataset: dict[str, list[str]] = {}
+    for name in names:
+        prefix, question_type = name.split("/qa_majority/")
+        rows = [(m[f"{prefix}/qa_exact_match/{question_type}"], m[name], m[f"{prefix}/qa_count/{question_type}"])
+                for m in columns.values() if name in m]
+        if all(hit - majority <= 2 * math.sqrt(hit * (1 - hit) / n) for hit, majority, n in rows):
+            shown = ", ".join(f"{hit:.3f}" for hit, _, _ in rows)
+            by_dataset.setdefault(prefix.split("/")[2], []).append(f"{question_type} ({shown} vs {rows[0][1]:.3f})")
+    for dataset, types in by_dataset.items():
+        notes.append(f"QA {dataset}: no model answers these question types better than always giving their "
+                     f"commonest answer (exact match vs that answer's share): {'; '.join(types)}.")
+    return notes
 
 
 def scene_match_metrics(matches: list[tuple[bool, int]]) -> dict[str, float]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.backends import Backend
+from evaluation.generation import majority_notes
 from evaluation.pope import chance_notes
 from evaluation.requests import Request
 from evaluation.suites import SuiteResult, SuiteTask
@@ -50,14 +51,14 @@ def headline(metrics: dict[str, float]) -> list[str]:
 
 
 def comparison_markdown(columns: dict[str, dict[str, float]]) -> str:
-    """Headline metrics of several scorecards side by side (e.g. base | CAFe), with a note under
-    the table where POPE is at chance for every one of them."""
+    """Headline metrics of several scorecards side by side (e.g. base | CAFe), with notes under
+    the table where every one of them is at chance on POPE or on a question type."""
     names = headline(next(iter(columns.values())))
     lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name in names:
         values = [f"{c[name]:.3f}" if name in c else "-" for c in columns.values()]
         lines.append(f"| `{name}` | " + " | ".join(values) + " |")
-    notes = chance_notes(columns)  # a number that measures nothing here says so under the table
+    notes = chance_notes(columns) + majority_notes(columns)  # a number that measures no skill says so
     return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else []))
 
 

@@ -118,7 +118,7 @@ def generation_task(name: str, path: Path, _image_root: Path | None, cfg: EvalCo
     def score(ans: Answers) -> SuiteResult:
         skipped = list(unread)
         nll = tokens = hits = total = 0
-        typed: list[tuple[str, bool]] = []
+        typed: list[tuple[str, str, bool]] = []
         for i, ex in enumerate(captions):
             if ans.errors[i]:
                 skipped.append({"row": ex.row, "id": ex.row_id, "reason": ans.errors[i]})
@@ -131,7 +131,7 @@ def generation_task(name: str, path: Path, _image_root: Path | None, cfg: EvalCo
             hit = generation.normalise_answer(ans.texts[j]) == generation.normalise_answer(ex.answer)
             total, hits = total + 1, hits + hit
             if ex.question_type is not None:
-                typed.append((ex.question_type, hit))
+                typed.append((ex.question_type, ex.answer, hit))
         start = len(captions) + len(qa)
         greedy = [(ex, ans.texts[start + k]) for k, ex in enumerate(generated) if not ans.errors[start + k]]
         samples = [{"id": ex.row_id, "prompt": ex.question, "truth": ex.answer, "greedy": text}

@@ -1,6 +1,7 @@
 """The whole scorecard: the Ray actor pool and the training-worker backend against the
 in-process path, every suite on the embedded scenes, logging into an existing MLflow run,
 and bad input (missing image file, undecodable bytes, unknown suite, missing data set)."""
+import collections
 import dataclasses
 import io
 import json
@@ -21,7 +22,7 @@ from mlflow import MlflowClient
 from cafe.config import EvalConfig, ExperimentConfig, load_config
 from cafe.inference import InferenceModel
 from evaluation.backends import ActorPool, in_process, model_call, rank_share, training_workers
-from evaluation.generation import is_short_answer, load_exchanges
+from evaluation.generation import is_short_answer, load_exchanges, majority_notes
 from evaluation.requests import Answers, Request
 from evaluation.run import RunRef, evaluate_checkpoint
 from evaluation.suites import generation_task, prepare_tasks
@@ -204,7 +205,30 @@ def test_qa_exact_match_by_question_type(scenes_config, tmp_path):
     assert m["qa_exact_match/where"] == 0
     assert all(m[f"qa_exact_match/{t}"] == 1 for t in counts if t != "where")
     assert m["qa_exact_match"] == pytest.approx(1 - counts["where"] / len(qa))
+    for question_type in counts:
+        truths = collections.Counter(ex.answer for ex in qa if ex.question_type == question_type)
+        assert m[f"qa_majority/{question_type}"] == max(truths.values()) / counts[question_type]
     assert "question_types names" in result.skipped[0]["reason"] and result.skipped[0]["row"] == 0
+
+
+def test_a_note_names_the_question_types_no_model_has_learnt():
+    """Exact match against always giving the commonest answer, two standard errors over 200
+    questions: "0" to every "How many stars?" (0.615 of them) is no skill; 0.9 on "where"
+    against 0.155 is, even when the other model is at chance there."""
+    def card(count_kind, where):
+        metrics = {"eval/generation/scenes/qa_exact_match": 0.6}
+        for question_type, hit, majority in (("count_kind", count_kind, 0.615), ("where", where, 0.155)):
+            metrics |= {f"eval/generation/scenes/qa_exact_match/{question_type}": hit,
+                        f"eval/generation/scenes/qa_majority/{question_type}": majority,
+                        f"eval/generation/scenes/qa_count/{question_type}": 200.0}
+        return metrics
+
+    (note,) = majority_notes({"base": card(0.615, 0.17), "CAFe": card(0.605, 0.9)})
+    assert note.startswith("QA scenes:") and note.endswith("count_kind (0.615, 0.605 vs 0.615).")
+    (alone,) = majority_notes({"base": card(0.615, 0.17)})
+    assert alone.endswith("count_kind (0.615 vs 0.615); where (0.170 vs 0.155).")
+    assert majority_notes({"base": card(0.75, 0.9)}) == []
+    assert majority_notes({"base": {"eval/generation/scenes/qa_exact_match": 0.6}}) == []
 
 
 def test_bad_suites_and_paths_fail_before_any_model(scenes_config):
