@@ -8,8 +8,9 @@ caption loss (NLL per token) and perplexity. Where a row carries its scene graph
 embedded scenes), its first caption is also generated greedily and scored by scene match: the
 share of scenes whose caption names exactly their shapes and colours. Where a row names each
 exchange's question type (`question_types`, one per exchange), QA exact match is also given per
-type, beside what always giving that type's commonest answer would score. Multi-turn context is not carried over, so every exchange asks its question about the
-image alone, as the scenes' QA turns do.
+type, beside what always giving that type's commonest answer would score. Multi-turn context
+is not carried over, so every exchange asks its question about the image alone, as the
+scenes' QA turns do.
 """
 from __future__ import annotations
 
