@@ -30,6 +30,7 @@ BASE = {"name": "demo", "loss": {"compute_contrastive_loss": True, "con_weight":
 
 def _trial(i: int, cw: float, t: float, objective: float | None, **kw) -> Trial:
     metrics = {R1: 0.1 * i, CAPTION: 3.0 - 0.2 * i, "eval/pope/pope/f1": 0.5, "eval/pope/pope/random/f1": 0.4,
+               "eval/pope/pope/blind_accuracy": 0.5, "eval/pope/pope/accuracy": 0.6,
                "train/loss": 1.0} if objective is not None else {}
     return Trial(f"t{i}", kw.pop("status", "TERMINATED"), {"loss.con_weight": cw, "loss.temperature": t},
                  metrics, objective, kw.pop("run_id", f"run{i}"), kw.pop("iterations", 5))
@@ -88,7 +89,8 @@ def test_table_csv_round_trip_and_markdown(summary: SweepSummary, tmp_path: Path
         rows = list(csv.DictReader(f))
     assert [r["trial_id"] for r in rows] == ["t1", "t3", "t2", "t0", "t4"]  # best first, no objective last
     assert list(rows[0]) == ["trial_id", "status", "iterations", *SWEPT, "objective", R1, "eval/pope/pope/f1",
-                             CAPTION, "run_id"]  # headline metrics only, no POPE category, no train/loss
+                             "eval/pope/pope/accuracy", "eval/pope/pope/blind_accuracy", CAPTION,
+                             "run_id"]  # headline metrics only, in their order, no POPE category, no train/loss
     by_id = {r["trial_id"]: r for r in rows}
     for trial in summary.trials:
         row = by_id[trial.trial_id]
