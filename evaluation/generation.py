@@ -63,9 +63,8 @@ def load_exchanges(path: str | Path) -> tuple[list[Exchange], list[dict]]:
     for row, (row_id, image, turns, scene, types) in enumerate(zip(*columns)):
         try:
             pairs = _exchange_pairs(normalise_conversation(turns))
-            if types is not None and len(types) != len(pairs):
-                raise Rejected("malformed_row",
-                               f"question_types names {len(types)} exchanges, the conversation has {len(pairs)}")
+            if types is not None:
+                _check_question_types(types, len(pairs))
         except Rejected as err:
             skipped.append({"row": row, "id": row_id, "file": str(path), "reason": str(err)})
             continue
@@ -76,6 +75,18 @@ def load_exchanges(path: str | Path) -> tuple[list[Exchange], list[dict]]:
     if not exchanges and not skipped:
         raise ValueError(f"{path}: no (user, assistant) exchanges to score")
     return exchanges, skipped
+
+
+QUESTION_TYPE = re.compile(r"[A-Za-z0-9_.\- ]+")  # each type names metrics; MLflow's characters only
+
+
+def _check_question_types(types: object, exchanges: int) -> None:
+    if not isinstance(types, list) or not all(isinstance(t, str) and QUESTION_TYPE.fullmatch(t) for t in types):
+        raise Rejected("malformed_row", "question_types must be a list of names of letters, digits, _ . - or "
+                                        f"space, got {str(types)[:80]}")
+    if len(types) != exchanges:
+        raise Rejected("malformed_row",
+                       f"question_types names {len(types)} exchanges, the conversation has {exchanges}")
 
 
 def _exchange_pairs(turns: list[dict]) -> list[tuple[str, str]]:
@@ -100,41 +111,48 @@ def generation_metrics(caption_nll: float, caption_tokens: int, qa_hits: int, qa
     return metrics
 
 
+# per question type, under names of their own (a name that is also a metric's folder breaks
+# MLflow's file store)
+BY_TYPE = {"exact_match": "qa_exact_match_by_type", "majority": "qa_majority_by_type", "count": "qa_count_by_type"}
+
+
 def qa_by_type_metrics(results: list[tuple[str, str, bool]]) -> dict[str, float]:
     """`results`: (question type, true answer, exact match) per answered QA exchange whose type
-    is named. Per type: exact match, count, and `qa_majority/<type>`, the share of its commonest
-    true answer: what always giving that answer scores (e.g. "0" to "How many stars?")."""
+    is named. Per type: exact match, count, and the share of its commonest true answer (majority):
+    what always giving that answer scores (e.g. "0" to "How many stars?")."""
     by_type: dict[str, list[tuple[str, bool]]] = {}
     for question_type, truth, hit in results:
         by_type.setdefault(question_type, []).append((normalise_answer(truth), hit))
     metrics = {}
     for question_type, answered in sorted(by_type.items()):
         n = len(answered)
-        metrics[f"qa_exact_match/{question_type}"] = sum(hit for _, hit in answered) / n
-        metrics[f"qa_majority/{question_type}"] = Counter(truth for truth, _ in answered).most_common(1)[0][1] / n
-        metrics[f"qa_count/{question_type}"] = float(n)
+        metrics[f"{BY_TYPE['exact_match']}/{question_type}"] = sum(hit for _, hit in answered) / n
+        metrics[f"{BY_TYPE['majority']}/{question_type}"] = Counter(t for t, _ in answered).most_common(1)[0][1] / n
+        metrics[f"{BY_TYPE['count']}/{question_type}"] = float(n)
     return metrics
 
 
 def majority_notes(columns: dict[str, dict[str, float]]) -> list[str]:
     """One line per data set listing the question types on which no column's exact match beats
     always giving the commonest answer by two standard errors: a skill not learnt, whatever the
-    overall QA exact match says. `columns`: label -> eval/<suite>/<dataset>/<metric> metrics."""
-    notes = []
-    names = sorted({k for c in columns.values() for k in c if k.startswith("eval/generation/")
-                    and k.split("/", 3)[3].startswith("qa_majority/")})
-    by_dataset: dict[str, list[str]] = {}
+    overall QA exact match says. `columns`: label -> eval/<suite>/<dataset>/<metric> metrics; a
+    type is judged only where every column scored it."""
+    found: dict[str, list[str]] = {}
+    names = sorted({k for c in columns.values() for k in c
+                    if k.startswith("eval/generation/") and k.split("/")[3:4] == [BY_TYPE["majority"]]})
     for name in names:
-        prefix, question_type = name.split("/qa_majority/")
-        rows = [(m[f"{prefix}/qa_exact_match/{question_type}"], m[name], m[f"{prefix}/qa_count/{question_type}"])
-                for m in columns.values() if name in m]
-        if all(hit - majority <= 2 * math.sqrt(hit * (1 - hit) / n) for hit, majority, n in rows):
-            shown = ", ".join(f"{hit:.3f}" for hit, _, _ in rows)
-            by_dataset.setdefault(prefix.split("/")[2], []).append(f"{question_type} ({shown} vs {rows[0][1]:.3f})")
-    for dataset, types in by_dataset.items():
-        notes.append(f"QA {dataset}: no model answers these question types better than always giving their "
-                     f"commonest answer (exact match vs that answer's share): {'; '.join(types)}.")
-    return notes
+        _, _, dataset, _, question_type = name.split("/", 4)
+        prefix = f"eval/generation/{dataset}/"
+        keys = [name] + [f"{prefix}{BY_TYPE[k]}/{question_type}" for k in ("exact_match", "count")]
+        if not all(key in m for m in columns.values() for key in keys):
+            continue
+        rows = [(label, m[keys[1]], m[keys[2]]) for label, m in columns.items()]
+        majority = columns[next(iter(columns))][name]
+        if all(hit - majority <= 2 * math.sqrt(hit * (1 - hit) / n) for _, hit, n in rows):
+            shown = ", ".join(f"{label} {hit:.3f}" for label, hit, _ in rows)
+            found.setdefault(dataset, []).append(f"{question_type} ({shown} vs {majority:.3f})")
+    return [f"QA {dataset}: no model answers these question types better than always giving their commonest "
+            f"answer (exact match vs that answer's share): {'; '.join(types)}." for dataset, types in found.items()]
 
 
 def scene_match_metrics(matches: list[tuple[bool, int]]) -> dict[str, float]:

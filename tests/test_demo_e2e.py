@@ -41,7 +41,7 @@ def test_demo_pretrains_the_base_once_then_fine_tunes_it(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert "| `eval/retrieval/scenes/i2t_r1` |" in done.stdout  # the side-by-side scorecard
     assert "| metric | base | CAFe |" in done.stdout
-    assert "| `eval/generation/scenes/qa_exact_match/where` |" in done.stdout  # QA broken down by question type
+    assert "| `eval/generation/scenes/qa_exact_match_by_type/where` |" in done.stdout  # QA broken down by question type
     assert "Greedy captions of held-out scenes" in done.stdout
     assert not re.findall(r".*\.cc:\d+.*", done.stdout + done.stderr)  # no Ray core (C++) log line on the console
     assert "Running Dataset" not in done.stdout + done.stderr  # nor Ray Data's logged progress blocks

@@ -199,16 +199,44 @@ def test_qa_exact_match_by_question_type(scenes_config, tmp_path):
     n = len(task.requests)
     result = task.score(Answers(np.zeros((n, 1), np.float32), texts, np.ones(n), np.ones(n, np.int64), [""] * n))
     m = result.metrics
-    counts = {k.split("/")[1]: v for k, v in m.items() if k.startswith("qa_count/")}
+    counts = {k.split("/")[1]: v for k, v in m.items() if k.startswith("qa_count_by_type/")}
     assert set(counts) == {"count", "count_kind", "colour_at", "kind_at", "colour_of_kind", "where", "size_of"}
     assert sum(counts.values()) == m["qa_count"] == len(qa)
-    assert m["qa_exact_match/where"] == 0
-    assert all(m[f"qa_exact_match/{t}"] == 1 for t in counts if t != "where")
+    assert m["qa_exact_match_by_type/where"] == 0
+    assert all(m[f"qa_exact_match_by_type/{t}"] == 1 for t in counts if t != "where")
     assert m["qa_exact_match"] == pytest.approx(1 - counts["where"] / len(qa))
     for question_type in counts:
         truths = collections.Counter(ex.answer for ex in qa if ex.question_type == question_type)
-        assert m[f"qa_majority/{question_type}"] == max(truths.values()) / counts[question_type]
+        assert m[f"qa_majority_by_type/{question_type}"] == max(truths.values()) / counts[question_type]
     assert "question_types names" in result.skipped[0]["reason"] and result.skipped[0]["row"] == 0
+
+
+def _generation_file(path: Path, question_types: pa.Array) -> Path:
+    """One row per entry of `question_types`, each a caption and one question."""
+    turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red star at the top"},
+             {"from": "human", "value": "How many shapes?"}, {"from": "gpt", "value": "1"}]
+    rows = [{"id": f"r{i}", "image": {"bytes": png(i), "path": None}, "conversations": turns}
+            for i in range(len(question_types))]
+    pq.write_table(pa.Table.from_pylist(rows).append_column("question_types", question_types), path)
+    return path
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (["caption", ""], "must be a list of names"),  # an empty name would make an invalid metric name
+    (["caption", "where?"], "must be a list of names"),
+    (["caption"], "names 1 exchanges, the conversation has 2"),
+])
+def test_bad_question_types_skip_their_row_with_a_reason(tmp_path, bad, reason):
+    path = _generation_file(tmp_path / "test.parquet", pa.array([["caption", "count"], bad]))
+    exchanges, skipped = load_exchanges(path)
+    assert [(ex.row_id, ex.question_type) for ex in exchanges] == [("r0", "caption"), ("r0", "count")]
+    assert [s["id"] for s in skipped] == ["r1"] and reason in skipped[0]["reason"]
+
+
+def test_question_types_written_as_text_are_refused(tmp_path):
+    """A JSON string is not a list: its length would count characters, not exchanges."""
+    exchanges, skipped = load_exchanges(_generation_file(tmp_path / "test.parquet", pa.array(['["caption", "count"]'])))
+    assert exchanges == [] and "must be a list of names" in skipped[0]["reason"]
 
 
 def test_a_note_names_the_question_types_no_model_has_learnt():
@@ -218,17 +246,18 @@ def test_a_note_names_the_question_types_no_model_has_learnt():
     def card(count_kind, where):
         metrics = {"eval/generation/scenes/qa_exact_match": 0.6}
         for question_type, hit, majority in (("count_kind", count_kind, 0.615), ("where", where, 0.155)):
-            metrics |= {f"eval/generation/scenes/qa_exact_match/{question_type}": hit,
-                        f"eval/generation/scenes/qa_majority/{question_type}": majority,
-                        f"eval/generation/scenes/qa_count/{question_type}": 200.0}
+            metrics |= {f"eval/generation/scenes/qa_exact_match_by_type/{question_type}": hit,
+                        f"eval/generation/scenes/qa_majority_by_type/{question_type}": majority,
+                        f"eval/generation/scenes/qa_count_by_type/{question_type}": 200.0}
         return metrics
 
     (note,) = majority_notes({"base": card(0.615, 0.17), "CAFe": card(0.605, 0.9)})
-    assert note.startswith("QA scenes:") and note.endswith("count_kind (0.615, 0.605 vs 0.615).")
+    assert note.startswith("QA scenes:") and note.endswith("count_kind (base 0.615, CAFe 0.605 vs 0.615).")
     (alone,) = majority_notes({"base": card(0.615, 0.17)})
-    assert alone.endswith("count_kind (0.615 vs 0.615); where (0.170 vs 0.155).")
+    assert alone.endswith("count_kind (base 0.615 vs 0.615); where (base 0.170 vs 0.155).")
     assert majority_notes({"base": card(0.75, 0.9)}) == []
-    assert majority_notes({"base": {"eval/generation/scenes/qa_exact_match": 0.6}}) == []
+    # a model that did not score the types (its answers all failed): nothing is claimed of "no model"
+    assert majority_notes({"base": card(0.615, 0.17), "CAFe": {"eval/generation/scenes/qa_exact_match": 0.6}}) == []
 
 
 def test_bad_suites_and_paths_fail_before_any_model(scenes_config):

@@ -90,8 +90,8 @@ def test_a_note_where_no_model_beats_an_image_blind_answerer():
     """The demo's base and CAFe model at chance (accuracy 0.502 and 0.503 over 2,604 probes while
     saying yes 80% and 92% of the time) get one note; a model 0.64 right at a 0.42 yes rate does
     not, and neither does the pair when it is one of them."""
-    def card(accuracy, yes_ratio, count=2604.0):
-        blind = 0.5 * yes_ratio + 0.5 * (1 - yes_ratio)
+    def card(accuracy, yes_ratio, count=2604.0, yes_labels=0.5):
+        blind = yes_labels * yes_ratio + (1 - yes_labels) * (1 - yes_ratio)
         return {"eval/pope/scenes/accuracy": accuracy, "eval/pope/scenes/blind_accuracy": blind,
                 "eval/pope/scenes/count": count, "eval/retrieval/scenes/i2t_r1": 0.3}
 
@@ -101,7 +101,12 @@ def test_a_note_where_no_model_beats_an_image_blind_answerer():
     assert chance_notes({"base": card(0.64, 0.42)}) == []
     assert chance_notes(at_chance | {"deeper": card(0.64, 0.42)}) == []
     assert chance_notes({"base": card(0.52, 0.5, count=100.0)}) != []  # 2 points over 100 probes: within noise
-    assert chance_notes({"base": {"eval/retrieval/scenes/i2t_r1": 0.3}}) == []
+    # 80% of the probes true: yes 90% of the time is 0.74 right blind, so 0.75 is no skill and 0.85 is
+    (skewed,) = chance_notes({"base": card(0.75, 0.9, yes_labels=0.8)})
+    assert "base 0.750 vs 0.740" in skewed
+    assert chance_notes({"base": card(0.85, 0.9, yes_labels=0.8)}) == []
+    # a column without POPE (not scored): nothing is claimed of "no model"
+    assert chance_notes({"base": card(0.502, 0.795), "other": {"eval/retrieval/scenes/i2t_r1": 0.3}}) == []
 
 
 def test_metric_inputs_are_checked():
