@@ -111,48 +111,22 @@ def generation_metrics(caption_nll: float, caption_tokens: int, qa_hits: int, qa
     return metrics
 
 
-# per question type, under names of their own (a name that is also a metric's folder breaks
-# MLflow's file store)
-BY_TYPE = {"exact_match": "qa_exact_match_by_type", "majority": "qa_majority_by_type", "count": "qa_count_by_type"}
-
-
 def qa_by_type_metrics(results: list[tuple[str, str, bool]]) -> dict[str, float]:
     """`results`: (question type, true answer, exact match) per answered QA exchange whose type
     is named. Per type: exact match, count, and the share of its commonest true answer (majority):
-    what always giving that answer scores (e.g. "0" to "How many stars?")."""
+    what always giving that answer scores (e.g. "0" to "How many stars?"). The names are their
+    own, not `qa_exact_match/<type>`: a metric that is also another's folder breaks MLflow's
+    file store."""
     by_type: dict[str, list[tuple[str, bool]]] = {}
     for question_type, truth, hit in results:
         by_type.setdefault(question_type, []).append((normalise_answer(truth), hit))
     metrics = {}
     for question_type, answered in sorted(by_type.items()):
         n = len(answered)
-        metrics[f"{BY_TYPE['exact_match']}/{question_type}"] = sum(hit for _, hit in answered) / n
-        metrics[f"{BY_TYPE['majority']}/{question_type}"] = Counter(t for t, _ in answered).most_common(1)[0][1] / n
-        metrics[f"{BY_TYPE['count']}/{question_type}"] = float(n)
+        metrics[f"qa_exact_match_by_type/{question_type}"] = sum(hit for _, hit in answered) / n
+        metrics[f"qa_majority_by_type/{question_type}"] = Counter(t for t, _ in answered).most_common(1)[0][1] / n
+        metrics[f"qa_count_by_type/{question_type}"] = float(n)
     return metrics
-
-
-def majority_notes(columns: dict[str, dict[str, float]]) -> list[str]:
-    """One line per data set listing the question types on which no column's exact match beats
-    always giving the commonest answer by two standard errors: a skill not learnt, whatever the
-    overall QA exact match says. `columns`: label -> eval/<suite>/<dataset>/<metric> metrics; a
-    type is judged only where every column scored it."""
-    found: dict[str, list[str]] = {}
-    names = sorted({k for c in columns.values() for k in c
-                    if k.startswith("eval/generation/") and k.split("/")[3:4] == [BY_TYPE["majority"]]})
-    for name in names:
-        _, _, dataset, _, question_type = name.split("/", 4)
-        prefix = f"eval/generation/{dataset}/"
-        keys = [name] + [f"{prefix}{BY_TYPE[k]}/{question_type}" for k in ("exact_match", "count")]
-        if not all(key in m for m in columns.values() for key in keys):
-            continue
-        rows = [(label, m[keys[1]], m[keys[2]]) for label, m in columns.items()]
-        majority = columns[next(iter(columns))][name]
-        if all(hit - majority <= 2 * math.sqrt(hit * (1 - hit) / n) for _, hit, n in rows):
-            shown = ", ".join(f"{label} {hit:.3f}" for label, hit, _ in rows)
-            found.setdefault(dataset, []).append(f"{question_type} ({shown} vs {majority:.3f})")
-    return [f"QA {dataset}: no model answers these question types better than always giving their commonest "
-            f"answer (exact match vs that answer's share): {'; '.join(types)}." for dataset, types in found.items()]
 
 
 def scene_match_metrics(matches: list[tuple[bool, int]]) -> dict[str, float]:

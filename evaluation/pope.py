@@ -17,7 +17,6 @@ share of "other" replies is reported next to the scores. Pure Python + pyarrow.
 from __future__ import annotations
 
 import json
-import math
 import os
 import string
 from dataclasses import dataclass
@@ -157,29 +156,3 @@ def pope_metrics(labels: list[str], answers: list[str], categories: list[str]) -
         part = _scores([labels[i] for i in keep], [answers[i] for i in keep])
         metrics |= {f"{category}/{key}": value for key, value in part.items()}
     return metrics
-
-
-
-def chance_notes(columns: dict[str, dict[str, float]]) -> list[str]:
-    """One line per POPE data set on which no column's accuracy beats its `blind_accuracy` by two
-    standard errors: there F1 differences follow the yes rate, not hallucination. `columns`:
-    label -> eval/<suite>/<dataset>/<metric> metrics (e.g. base | CAFe); a data set is judged
-    only where every column scored it."""
-    notes = []
-    datasets = sorted({k.split("/")[2] for c in columns.values() for k in c if k.startswith("eval/pope/")})
-    for dataset in datasets:
-        prefix = f"eval/pope/{dataset}/"
-        keys = [prefix + k for k in ("accuracy", "blind_accuracy", "count")]
-        if not all(key in m for m in columns.values() for key in keys):
-            continue
-        rows = []
-        for label, m in columns.items():
-            accuracy, blind, count = (m[key] for key in keys)
-            rows.append((label, accuracy, blind, 2 * math.sqrt(accuracy * (1 - accuracy) / count)))
-        if all(accuracy - blind <= margin for _, accuracy, blind, margin in rows):
-            shown = ", ".join(f"{label} {accuracy:.3f} vs {blind:.3f}" for label, accuracy, blind, _ in rows)
-            notes.append(f"POPE {dataset}: no model answers better than an image-blind answerer with its yes rate "
-                         f"(accuracy vs blind accuracy: {shown}; two standard errors at most "
-                         f"{max(r[3] for r in rows):.3f}), so F1 here follows how often a model says yes, not "
-                         "whether it hallucinates.")
-    return notes

@@ -4,6 +4,7 @@ a modality-gap plot, and logged onto an MLflow run at the checkpoint's training 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.backends import Backend
-from evaluation.generation import majority_notes
-from evaluation.pope import chance_notes
 from evaluation.requests import Request
 from evaluation.suites import SuiteResult, SuiteTask
 
@@ -48,6 +47,49 @@ def headline(metrics: dict[str, float]) -> list[str]:
         hits = [i for i, h in enumerate(HEADLINE) if metric == h or (h.endswith("/") and metric.startswith(h))]
         return (name.split("/")[1:3], hits[0]) if hits else None
     return sorted((n for n in metrics if rank(n) is not None), key=rank)
+
+
+def _no_skill(columns: dict[str, dict[str, float]], rate: str, baseline: str,
+              count: str) -> list[tuple[str, float, float, float]] | None:
+    """(label, rate, baseline, two standard errors of the rate) per column, when every column
+    has the three metrics and none beats its baseline by two standard errors; else None."""
+    if not all(key in m for m in columns.values() for key in (rate, baseline, count)):
+        return None  # a column not scored: nothing may be said of "no model"
+    rows = [(label, m[rate], m[baseline], 2 * math.sqrt(m[rate] * (1 - m[rate]) / m[count]))
+            for label, m in columns.items()]
+    return rows if all(value - base <= margin for _, value, base, margin in rows) else None
+
+
+def chance_notes(columns: dict[str, dict[str, float]]) -> list[str]:
+    """A line per POPE data set on which no column's accuracy beats its `blind_accuracy`: there
+    F1 differences follow the yes rate, not hallucination."""
+    notes = []
+    for dataset in sorted({k.split("/")[2] for c in columns.values() for k in c if k.startswith("eval/pope/")}):
+        prefix = f"eval/pope/{dataset}/"
+        if rows := _no_skill(columns, prefix + "accuracy", prefix + "blind_accuracy", prefix + "count"):
+            shown = ", ".join(f"{label} {value:.3f} vs {base:.3f}" for label, value, base, _ in rows)
+            notes.append(f"POPE {dataset}: no model answers better than an image-blind answerer with its yes rate "
+                         f"(accuracy vs blind accuracy: {shown}; two standard errors at most "
+                         f"{max(r[3] for r in rows):.3f}), so F1 here follows how often a model says yes, not "
+                         "whether it hallucinates.")
+    return notes
+
+
+def majority_notes(columns: dict[str, dict[str, float]]) -> list[str]:
+    """A line per data set naming the question types on which no column's exact match beats
+    always giving the commonest answer: a skill not learnt, whatever the QA mean says."""
+    found: dict[str, list[str]] = {}
+    for name in sorted({k for c in columns.values() for k in c
+                        if k.startswith("eval/generation/") and k.split("/")[3:4] == ["qa_majority_by_type"]}):
+        _, _, dataset, _, question_type = name.split("/", 4)
+        prefix = f"eval/generation/{dataset}/"
+        rows = _no_skill(columns, f"{prefix}qa_exact_match_by_type/{question_type}", name,
+                         f"{prefix}qa_count_by_type/{question_type}")
+        if rows:
+            shown = ", ".join(f"{label} {value:.3f}" for label, value, _, _ in rows)
+            found.setdefault(dataset, []).append(f"{question_type} ({shown} vs {rows[0][2]:.3f})")
+    return [f"QA {dataset}: no model answers these question types better than always giving their commonest "
+            f"answer (exact match vs that answer's share): {'; '.join(types)}." for dataset, types in found.items()]
 
 
 def comparison_markdown(columns: dict[str, dict[str, float]]) -> str:

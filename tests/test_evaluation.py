@@ -22,9 +22,10 @@ from mlflow import MlflowClient
 from cafe.config import EvalConfig, ExperimentConfig, load_config
 from cafe.inference import InferenceModel
 from evaluation.backends import ActorPool, in_process, model_call, rank_share, training_workers
-from evaluation.generation import is_short_answer, load_exchanges, majority_notes
+from evaluation.generation import is_short_answer, load_exchanges
 from evaluation.requests import Answers, Request
 from evaluation.run import RunRef, evaluate_checkpoint
+from evaluation.scorecard import majority_notes
 from evaluation.suites import generation_task, prepare_tasks
 from pipelines.scenes import CAPTION_TEMPLATES, Scene, caption, write_scene_dataset
 from tests.conftest import random_image

@@ -11,12 +11,12 @@ import pytest
 from evaluation.pope import (
     POPE_PROMPT_SUFFIX,
     PopeItem,
-    chance_notes,
     load_pope,
     parse_answer,
     pope_metrics,
     pope_prompt,
 )
+from evaluation.scorecard import chance_notes
 
 # Matrix A, 10 questions. yes questions: yes, yes, yes, no, "maybe" -> TP 3, FN 2 (one "other").
 # no questions: no, no, no, yes, "I cannot tell" -> TN 3, FP 1, one "other" (a wrong answer, not a TN).
