@@ -4,6 +4,8 @@ the key's name and the valid choices."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from cafe.files import MAX_IMAGE_BYTES
 
 
 class ConfigError(ValueError):
@@ -72,14 +76,31 @@ class ScenesConfig:
     question_first: float = 0.5
 
 
+# How `pipelines.pairs` picks a row's contrastive pair text: one of these, or "column:NAME".
+PAIR_TEXT_POLICIES = ("caption", "first_assistant", "longest_assistant", "none")
+PAIR_TEXT_COLUMN = "column:"
+PAIR_TEXT_CHOICES = "caption, first_assistant, longest_assistant, column:NAME or none"
+
+
+def is_pair_text_policy(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value.startswith(PAIR_TEXT_COLUMN):
+        name = value.removeprefix(PAIR_TEXT_COLUMN)
+        return bool(name) and name == name.strip()
+    return value in PAIR_TEXT_POLICIES
+
+
 @dataclass(kw_only=True)
 class IngestConfig:
-    """How `pipelines` converts the input. Only the first six change the output bytes."""
+    """How `pipelines` converts the input. Only the first eight change the output bytes."""
 
     max_image_pixels: int = 25_000_000
+    max_image_bytes: int = MAX_IMAGE_BYTES  # an image file larger than this is quarantined unread
     max_text_chars: int = 32_768
     max_side: int = 0  # resize keeping aspect so that max(width, height) <= max_side; 0: keep the size
     multimodal_input: bool = False  # derive query/target fields, for subsets that do not say
+    pair_text: str = "caption"  # the pair-text policy of subsets whose dataset YAML entry does not say
     rows_per_shard: int = 512  # rows per work unit, hence at most this many rows per output shard
     compression: str = "zstd"  # text columns; encoded image columns are stored uncompressed
     executor: Literal["ray", "local"] = "ray"  # "local": the same units in a one-process loop
@@ -90,6 +111,10 @@ class IngestConfig:
     cpus_per_task: float = 0.5
     max_concurrent_tasks: int = 0  # cap on concurrent tasks; 0: as many as fit
     num_cpus: int = 0  # for ray.init when Ray is not running yet; 0: every CPU
+
+    def __post_init__(self) -> None:
+        if not is_pair_text_policy(self.pair_text):
+            raise ConfigError(f"data.ingest.pair_text: {self.pair_text!r} is not one of {PAIR_TEXT_CHOICES}")
 
 
 @dataclass(kw_only=True)
@@ -236,6 +261,93 @@ class ExperimentConfig:
     tune: SweepConfig = field(default_factory=SweepConfig)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of a numeric key: at least `low` (above it when `open_low`), at most `high`."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+
+    def admits(self, value: float) -> bool:
+        return (value > self.low if self.open_low else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        if self.high < math.inf:
+            return f"within [{self.low:g}, {self.high:g}]"
+        return f"{'>' if self.open_low else '>='} {self.low:g}"
+
+
+COUNT, OPTIONAL_COUNT, NON_NEGATIVE = Bound(1), Bound(0), Bound(0)
+POSITIVE, SHARE = Bound(0, open_low=True), Bound(0, 1)
+# every numeric key's range (a test checks that none is missing); 0 means "off" or "all" where a key's comment says so
+BOUNDS: dict[str, Bound] = {
+    **{f"model.tiny.{name}": COUNT for name in (
+        "vocab_size", "image_size", "patch_size", "vision_hidden", "vision_intermediate", "vision_layers",
+        "vision_heads", "text_hidden", "text_intermediate", "text_layers", "text_heads", "text_kv_heads",
+        "crops_wide")},
+    "model.tiny.model_vocab_size": OPTIONAL_COUNT,
+    "data.max_text_tokens": COUNT, "data.max_turns": OPTIONAL_COUNT,
+    "data.ingest.max_image_pixels": COUNT, "data.ingest.max_image_bytes": COUNT,
+    "data.ingest.max_text_chars": COUNT, "data.ingest.max_side": OPTIONAL_COUNT,
+    "data.ingest.rows_per_shard": COUNT, "data.ingest.cpus_per_task": POSITIVE,
+    "data.ingest.max_concurrent_tasks": OPTIONAL_COUNT, "data.ingest.num_cpus": OPTIONAL_COUNT,
+    "data.scenes.train_images": COUNT, "data.scenes.eval_images": COUNT, "data.scenes.image_size": Bound(16),
+    "data.scenes.question_first": SHARE,
+    "loss.alpha_lm": NON_NEGATIVE, "loss.con_weight": NON_NEGATIVE, "loss.temperature": POSITIVE,
+    "train.num_workers": COUNT, "train.cpus_per_worker": POSITIVE, "train.batch_size": COUNT,
+    "train.gradcache_chunk": OPTIONAL_COUNT, "train.grad_accum_steps": COUNT, "train.epochs": COUNT,
+    "train.max_steps": OPTIONAL_COUNT, "train.lr": POSITIVE, "train.temperature_lr": NON_NEGATIVE,
+    "train.weight_decay": NON_NEGATIVE, "train.warmup_steps": OPTIONAL_COUNT, "train.warmup_ratio": SHARE,
+    "train.vision_lr": NON_NEGATIVE, "train.grad_clip": NON_NEGATIVE, "train.log_every": COUNT,
+    "train.checkpoint_every": OPTIONAL_COUNT, "train.max_failures": Bound(-1),  # -1: Ray retries without end
+    "eval.every_steps": OPTIONAL_COUNT, "eval.batch_size": COUNT, "eval.num_actors": COUNT,
+    "eval.cpus_per_actor": POSITIVE, "eval.max_new_tokens": COUNT, "eval.qa_max_words": COUNT,
+    "eval.caption_samples": OPTIONAL_COUNT,
+    "tune.num_samples": COUNT, "tune.max_concurrent_trials": OPTIONAL_COUNT, "tune.grace_period": COUNT,
+    "tune.reduction_factor": Bound(2),
+}
+UNBOUNDED = {"model.tiny.seed", "data.scenes.seed", "train.seed", "train.zero_stage"}  # (a Literal: its choices)
+# the run's name is a folder (Ray Train's run directory) and an MLflow search term: plain characters only
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def numeric_leaves(config: Any, prefix: str = "") -> dict[str, int | float]:
+    """Every int and float field of a config, by dotted key (bools excluded)."""
+    found: dict[str, int | float] = {}
+    for f in dataclasses.fields(config):
+        value, key = getattr(config, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found.update(numeric_leaves(value, key + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[key] = value
+    return found
+
+
+def check_values(config: ExperimentConfig) -> ExperimentConfig:
+    """Values the types admit but a run cannot use, refused before anything starts: non-finite
+    floats, numbers out of range, both losses off, a name that cannot be a folder."""
+    for key, value in numeric_leaves(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: {value} is not a finite number")
+        bound = BOUNDS.get(key)
+        if bound is not None and not bound.admits(value):
+            raise ConfigError(f"{key}: {value:g} is out of range; it must be {bound}")
+    for key, weight in config.tune.objective.items():
+        if not math.isfinite(weight):
+            raise ConfigError(f"tune.objective[{key!r}]: {weight} is not a finite number")
+    if any(k < 1 for k in config.eval.recall_ks):
+        raise ConfigError(f"eval.recall_ks: {config.eval.recall_ks} must all be >= 1")
+    if not (config.loss.compute_language_loss or config.loss.compute_contrastive_loss):
+        raise ConfigError("loss.compute_language_loss and loss.compute_contrastive_loss are both false: "
+                          "turn at least one loss on")
+    for key, name in (("name", config.name), ("tune.name", config.tune.name or config.name)):
+        if not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"{key}: {name!r} must start with a letter or digit and use only letters, digits, "
+                              "'.', '_' and '-' (it names the run's folder and its MLflow key)")
+    return config
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
@@ -291,15 +403,25 @@ def _apply_override(raw: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(text) if text.strip() else ""  # `key=` clears a text setting
+    node[leaf] = _parse_yaml(text, f"--set {assignment}") if text.strip() else ""  # `key=` clears a text setting
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML (safe: no Python tags), or a ConfigError naming `where`, the line and the column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        place = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}{place}: not valid YAML ({problem})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """ExperimentConfig from a YAML file (or the defaults) plus `a.b=value` overrides."""
     raw: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text)
+        raw = _parse_yaml(Path(path).read_text(), str(path))
         if raw is None:  # an empty file would silently run every default, output paths included
             raise ConfigError(f"{path} is empty: a config sets at least name and output_dir "
                               "(configs/demo.yaml is a complete example)")
@@ -307,7 +429,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping")
     for assignment in overrides or []:
         _apply_override(raw, assignment)
-    return _build(ExperimentConfig, raw)
+    return check_values(_build(ExperimentConfig, raw))
 
 
 def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -333,7 +455,7 @@ def to_yaml(config: ExperimentConfig) -> str:
 
 def config_from_dict(raw: dict) -> ExperimentConfig:
     """Rebuild (and re-validate) a config from `dataclasses.asdict` output, e.g. on a worker."""
-    return _build(ExperimentConfig, raw)
+    return check_values(_build(ExperimentConfig, raw))
 
 
 PATH_FIELDS = ("output_dir", "train.storage_path", "model.checkpoint", "model.pretrain_config", "data.raw_dir",

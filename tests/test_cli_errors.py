@@ -75,7 +75,6 @@ def train(tmp_path, *sets):
      "train.grad_accum_steps and train.gradcache_chunk both split the batch"),
     (["data.train_dir={train}", "train.batch_size=2", "train.offload_optimizer=true", "train.zero_stage=0"],
      "train.offload_optimizer needs train.zero_stage 1, 2 or 3"),
-    (["data.train_dir={train}", "data.max_turns=-1"], "data.max_turns -1: the number of exchanges to train on"),
 ])
 def test_train_user_errors_are_one_line(tmp_path, train_dir, capsys, sets, message):
     fill = {"tmp": tmp_path, "train": train_dir}

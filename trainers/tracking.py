@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -13,7 +16,13 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from trainers.driver_watch import pid_alive
+
 RUN_KEY_TAG = "cafe.run_key"
+DRIVER_TAG = "cafe.driver"  # host:pid of the process that last launched the run
+HEARTBEAT_TAG = "cafe.heartbeat"  # unix seconds, renewed while that process runs it
+HEARTBEAT_SECONDS = 30
+STALE_AFTER_SECONDS = 120  # a RUNNING run on another host without a heartbeat this long has lost its driver
 # JSON that Ray's job supervisor hands a submitted entrypoint; its metadata holds the submission id
 RAY_JOB_CONFIG_JSON_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -49,7 +58,7 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, *, run_n
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    query = f"tags.`{RUN_KEY_TAG}` = '{run_key}'"
+    query = f"tags.`{RUN_KEY_TAG}` = {_filter_literal(run_key)}"
     existing = client.search_runs([experiment_id], filter_string=query, max_results=1)
     identity = {RUN_KEY_TAG: run_key}
     if parent_run_id:
@@ -58,13 +67,64 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, *, run_n
         run_id = existing[0].info.run_id
     else:
         run_id = client.create_run(experiment_id, run_name=run_name or run_key, tags=identity).info.run_id
+    if existing and existing[0].info.status == "RUNNING":
+        _take_over(existing[0])
     if params:  # a relaunch with other params is refused before its run is touched
         log_params(client, run_id, params)
     if existing:
         client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, DRIVER_TAG, f"{socket.gethostname()}:{os.getpid()}")
+    client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
     for key, value in (tags or {}).items():  # this launch's provenance (a resumed run shows its latest)
         client.set_tag(run_id, key, value)
     return run_id
+
+
+def _take_over(run) -> None:
+    """A relaunch may continue a run left RUNNING only when the process that ran it is gone:
+    its pid on this host, or its heartbeat on another."""
+    host, _, pid = run.data.tags.get(DRIVER_TAG, ":").rpartition(":")
+    beat = int(run.data.tags.get(HEARTBEAT_TAG, "0"))
+    if pid and host == socket.gethostname():
+        alive = int(pid) == os.getpid() or pid_alive(int(pid))
+    else:
+        alive = time.time() - beat < STALE_AFTER_SECONDS
+    if alive:
+        raise RunConflict(f"MLflow run {run.info.run_id} is being run by another process (pid {pid or '?'} on "
+                          f"{host or '?'}, heartbeat {int(time.time() - beat)} s ago): wait for it or stop it")
+    print(f"[cafe] MLflow run {run.info.run_id} was left RUNNING by a process that is gone (pid {pid or '?'} on "
+          f"{host or '?'}); continuing it", flush=True)
+
+
+@contextmanager
+def heartbeat(tracking_uri: str, run_id: str):
+    """Renew the run's heartbeat tag while the body runs, so a later launch can tell a live
+    run from one whose driver was killed."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        client = MlflowClient(tracking_uri)
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
+            except Exception:  # noqa: BLE001 - a tracking server hiccup must not end the run
+                continue
+
+    thread = threading.Thread(target=beat, name="cafe-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def _filter_literal(value: str) -> str:
+    """`value` quoted for an MLflow search filter, which has no escape: double quotes where it holds a single one."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise RunConflict(f"run key {value!r} holds both kinds of quote; MLflow cannot search for it")
 
 
 class RunConflict(ValueError):
@@ -91,6 +151,21 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
     now = int(time.time() * 1000)
     batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
     MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+class MetricLog:
+    """Rank 0's training metrics, one point per step however often the run is resumed: steps up
+    to the last one already in the run's history (logged before a crash, then trained again
+    from an earlier checkpoint) are not logged twice."""
+
+    def __init__(self, tracking_uri: str, run_id: str, *, resumed_at: int, key: str = "train/loss") -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        history = MlflowClient(tracking_uri).get_metric_history(run_id, key) if resumed_at else []
+        self.logged_until = max((m.step for m in history), default=0)
+
+    def log(self, metrics: dict[str, float], *, step: int) -> None:
+        if step > self.logged_until:
+            log_metrics(self.tracking_uri, self.run_id, metrics, step=step)
 
 
 def ended_status(error: BaseException) -> str:
