@@ -6,7 +6,9 @@ packed forward through the base language model (attention computed unit by unit,
 `cafe.attention`), and vocabulary logits are computed only where labels exist."""
 from __future__ import annotations
 
+import json
 import math
+import struct
 from pathlib import Path
 
 import torch
@@ -19,6 +21,26 @@ from cafe.batch import PackedBatch
 from cafe.losses import CachedGrads, CafeLoss, LossTerms
 from cafe.prompts import IGNORE_INDEX
 from cafe.vision import encode_distinct_views
+
+
+def check_weight_files(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose safetensors files are cut short or garbled, in one line, before
+    a pool of workers each fails to load it. A safetensors file is an 8-byte header length, a
+    JSON header giving every tensor's byte range, then the data."""
+    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError("its header runs past the end of the file")
+                header = json.loads(f.read(header_len))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+        if 8 + header_len + end != size:
+            raise ValueError(f"{path} is {size:,} bytes where its header promises {8 + header_len + end:,}: "
+                             "the file is truncated or damaged; copy or export it again")
 
 
 def claim_cpus(cpus: float) -> None:

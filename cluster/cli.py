@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_local_ray_on_loopback(args.address)
     from cafe.logs import quiet_libraries
+    from cafe.model import check_weight_files
     from cluster import jobs  # heavy imports only once the config is known to be valid
     from evaluation.suites import prepare_tasks
+    from trainers.run import InputError, TrainingStopped
     from trainers.tracking import RunConflict
 
     quiet_libraries()
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (checkpoint / "config.json").is_file():
                 raise FileNotFoundError(f"--checkpoint {checkpoint} is not a model directory (no config.json); "
                                         "train one first (`cafe train`) or pass an HF checkpoint directory")
+            check_weight_files(checkpoint)
             args.tasks = prepare_tasks(cfg.eval, cfg.data.eval_dir,
                                        suites=args.suite.split(",") if args.suite else None)
             args.checkpoint_dir = checkpoint
@@ -96,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg, args.address)
         signal.signal(signal.SIGTERM, _stop)  # `ray job stop` sends SIGTERM: end like Ctrl-C (after Ray's own handler)
         run_command(args, cfg, jobs)
-    except RunConflict as err:  # found once MLflow is asked, after Ray has started
+    except (RunConflict, InputError) as err:  # found once MLflow or the run folder is read, after Ray has started
         print(f"cafe {args.command}: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"cafe {args.command}: {err}; its MLflow run is marked FAILED and nothing was exported", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ncafe {args.command}: stopped; its MLflow run is marked KILLED. {RESUME_HINTS.get(args.command, '')}",
               file=sys.stderr)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +19,9 @@ from evaluation.scorecard import Scorecard, comparison_markdown
 from evaluation.suites import SuiteTask, prepare_tasks
 from pipelines.ingest import run_from_config
 from pipelines.scenes import scene_corpus, write_scene_dataset
+from trainers.checkpoints import publish_model, recover_published
 from trainers.run import train
-from trainers.tracking import ended_status, finish_run, get_or_create_run, provenance_tags
+from trainers.tracking import ended_status, finish_run, get_or_create_run, heartbeat, provenance_tags
 
 
 @contextmanager
@@ -44,6 +44,7 @@ def ensure_checkpoint(cfg: ExperimentConfig) -> Path:
     """`model.checkpoint`, made when missing: by the pretraining stage where one is configured,
     else as the random-init tiny model."""
     path = Path(cfg.model.checkpoint)
+    recover_published(path)
     if (path / "config.json").is_file():
         return path
     if cfg.model.pretrain_config:
@@ -73,10 +74,7 @@ def pretrain(cfg: ExperimentConfig) -> Path:
                    f"{base.train.num_workers} Ray Train workers"):
             model_dir, _ = train(base, run_id)
     if model_dir.resolve() != target.resolve():
-        partial = target.with_name(target.name + ".partial")  # a crash mid-copy leaves no half checkpoint behind
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(model_dir, partial)
-        partial.rename(target)
+        publish_model(model_dir, target)
     return target
 
 
@@ -91,7 +89,8 @@ def tracked_run(cfg: ExperimentConfig) -> Iterator[str]:
     or FAILED if the body raises. Launching the same config again continues the same run."""
     run_id = open_run(cfg)
     try:
-        yield run_id
+        with heartbeat(cfg.tracking.tracking_uri, run_id):
+            yield run_id
     except BaseException as err:
         finish_run(cfg.tracking.tracking_uri, run_id, status=ended_status(err))
         raise

@@ -25,13 +25,21 @@ class RunRef(NamedTuple):
 
 def log_scorecard(run: RunRef, metrics: dict[str, float], *, step: int, files: list[Path] = (),
                   artifact_path: str | None = None) -> None:
+    """Log a scorecard at `step`, leaving out metrics the run already has at that step (a
+    relaunch of a finished run scores it again): one point per metric and step."""
     client = MlflowClient(run.tracking_uri)
     now = int(time.time() * 1000)
-    batch = [Metric(k, v, now, step) for k, v in metrics.items()]
+    known = client.get_run(run.run_id).data.metrics  # a fresh run: nothing to look up
+    batch = [Metric(k, v, now, step) for k, v in metrics.items()
+             if k not in known or not _logged_at(client, run.run_id, k, step)]
     for start in range(0, len(batch), 1000):  # MLflow's batch limit
         client.log_batch(run.run_id, metrics=batch[start : start + 1000])
     for path in files:
         client.log_artifact(run.run_id, str(path), artifact_path=artifact_path)
+
+
+def _logged_at(client: MlflowClient, run_id: str, key: str, step: int) -> bool:
+    return any(m.step == step for m in client.get_metric_history(run_id, key))
 
 
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, tasks: list[SuiteTask] | None = None,

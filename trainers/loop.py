@@ -30,16 +30,16 @@ from evaluation.backends import training_workers
 from evaluation.run import RunRef, log_scorecard
 from evaluation.scorecard import score_tasks, write_report
 from evaluation.suites import prepare_tasks
+from trainers.checkpoints import HF_EXPORT_DIR, STATE_FILE, verify_manifests, write_manifest
 from trainers.deepspeed_config import deepspeed_config
+from trainers.driver_watch import stop_with_driver
 from trainers.prefetch import prefetched
 from trainers.progress import Progress
 from trainers.shards import DataOrder
-from trainers.tracking import log_metrics
+from trainers.tracking import MetricLog
 
 PROGRESS_LOG = logging.getLogger("cafe.train")
-HF_EXPORT_DIR = "hf"  # inside every reported checkpoint: a from_pretrained-ready model
 DEEPSPEED_DIR = "deepspeed"  # engine + optimizer state, for resuming
-STATE_FILE = "cafe_state.json"
 RNG_FILE = "rng_rank{rank}.pt"  # each rank's random state (dropout), so a resumed step draws what it would have
 
 
@@ -131,6 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as ckpt:
+            verify_manifests(Path(ckpt))
             engine.load_checkpoint(str(Path(ckpt) / DEEPSPEED_DIR))
             step = json.loads((Path(ckpt) / STATE_FILE).read_text())["step"]
             _restore_rng(Path(ckpt) / RNG_FILE.format(rank=rank), device)
@@ -142,6 +143,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         max_text_tokens=cfg.data.max_text_tokens, max_turns=cfg.data.max_turns)
     order = DataOrder.for_training(cfg.data.train_dir, world, cfg.train.batch_size, cfg.train.seed)
     tracking_uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
+    metric_log = MetricLog(tracking_uri, run_id, resumed_at=step) if rank == 0 else None
+    stop_with_driver(loop_config["driver"])
     last_metrics: dict[str, float] = {}
     checkpoint_every = loop_config["checkpoint_every"]
     evaluate = _in_training_evaluation(cfg, engine.module, processor, rank, world, RunRef(tracking_uri, run_id))
@@ -167,6 +170,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             terms = engine(parts[0], rank=rank, world_size=world)
             engine.backward(terms.objective)
+        _stop_unless_finite(terms, step + 1, world)  # before the optimizer step: the weights stay finite
         logging_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
         norm = _unclipped_grad_norm(engine) if logging_step else None
         engine.step()
@@ -175,7 +179,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if logging_step:
             last_metrics = {**_loss_metrics(terms, engine, model, world, norm), **progress.interval_metrics(world)}
             if rank == 0:
-                log_metrics(tracking_uri, run_id, last_metrics, step=step)
+                metric_log.log(last_metrics, step=step)
                 # a log record, not print: Ray Train turns a worker's print into a record too,
                 # and the console shows a print twice (stdout and the record)
                 level = logging.WARNING if last_metrics.get("train/truncated_in_interval") else logging.INFO
@@ -192,6 +196,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step >= total_steps:
             break
     _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=True)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or infinite: training stops before the optimizer takes the step."""
+
+
+def _stop_unless_finite(terms, step: int, world: int) -> None:
+    """Every rank stops together when any rank's loss is not finite (one tiny all-reduce), so no
+    rank waits in a collective for one that has raised."""
+    named = {name: value.detach().float() for name, value in
+             (("loss", terms.loss), ("lm_loss", terms.lm_loss), ("con_loss", terms.con_loss)) if value is not None}
+    values = torch.stack(list(named.values()))
+    bad = (~torch.isfinite(values)).float().max().reshape(1)
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        shown = ", ".join(f"{name} {value.item():.4g}" for name, value in named.items())
+        rank = dist.get_rank() if world > 1 else 0
+        raise NonFiniteLoss(f"the loss is not finite at step {step} ({shown} on rank {rank}); training stopped "
+                            "before that step changed the weights")
 
 
 def _backward_part(engine, objective: torch.Tensor, last: bool) -> None:
@@ -296,5 +320,6 @@ def _report_checkpoint(engine, model, processor, cfg: ExperimentConfig, rank: in
             export_hf(engine, model, processor, tmp / HF_EXPORT_DIR, cfg.train.zero_stage, rank)
         if rank == 0:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "temperature": model.loss.contrastive.temperature}))
+        write_manifest(tmp, rank)
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:07d}")

@@ -4,18 +4,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 
 import pyarrow
 import pyarrow.fs
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.exceptions import WorkerGroupError
 
 from cafe.config import ExperimentConfig
 from pipelines.storage import Storage, StorageError, is_s3
-from trainers.loop import HF_EXPORT_DIR, STATE_FILE, train_loop_per_worker
+from trainers.checkpoints import HF_EXPORT_DIR, STATE_FILE, RunFolder, publish_model
+from trainers.driver_watch import driver_identity
+from trainers.loop import NonFiniteLoss, train_loop_per_worker
 from trainers.shards import DataOrder
 
 FAIL_AT_STEP_ENV = "CAFE_FAIL_AT_STEP"
@@ -23,6 +25,11 @@ FAIL_AT_STEP_ENV = "CAFE_FAIL_AT_STEP"
 
 class InputError(ValueError):
     """A training input the user can fix (a path, a size): reported as one line, exit code 2."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped itself (a non-finite loss): one line for the user, exit code 1; its last
+    finite checkpoint stays and nothing is exported."""
 
 
 def planned_steps(order: DataOrder, cfg: ExperimentConfig) -> int:
@@ -76,6 +83,12 @@ def ray_storage(cfg: ExperimentConfig, storage_path: str | None = None) -> tuple
     return storage, None
 
 
+def run_folder(cfg: ExperimentConfig, storage_path: str | None = None) -> RunFolder:
+    """Ray Train's folder of this run, on whichever filesystem holds it."""
+    storage, filesystem = ray_storage(cfg, storage_path)
+    return RunFolder(f"{storage.rstrip('/')}/{cfg.name}", filesystem or pyarrow.fs.LocalFileSystem())
+
+
 def check_training_inputs(cfg: ExperimentConfig) -> int:
     """Everything about a training run's inputs that can be checked before Ray or MLflow start;
     returns the planned optimizer steps. Raises InputError with one line naming the problem."""
@@ -88,14 +101,12 @@ def check_training_inputs(cfg: ExperimentConfig) -> int:
         raise InputError(f"model.checkpoint {checkpoint} is not a model directory (no config.json); point it at a "
                          "LLaVA-OneVision HF directory, or set model.pretrain_config / model.build_tiny_if_missing")
     train = cfg.train
-    if train.grad_accum_steps < 1 or train.batch_size % train.grad_accum_steps:
+    if train.batch_size % train.grad_accum_steps:
         raise InputError(f"train.batch_size {train.batch_size} must split into train.grad_accum_steps "
                          f"{train.grad_accum_steps} equal micro-batches")
     if train.grad_accum_steps > 1 and train.gradcache_chunk:
         raise InputError("train.grad_accum_steps and train.gradcache_chunk both split the batch: GradCache already "
                          "gives the full batch's gradient in chunks, so set one of them")
-    if cfg.data.max_turns < 0:
-        raise InputError(f"data.max_turns {cfg.data.max_turns}: the number of exchanges to train on, or 0 for all")
     if train.offload_optimizer and train.zero_stage == 0:
         raise InputError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO's state)")
     check_storage(train.storage_path)
@@ -103,8 +114,8 @@ def check_training_inputs(cfg: ExperimentConfig) -> int:
 
 
 def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None = None,
-                  storage_path: str | None = None) -> TorchTrainer:
-    total_steps = check_training_inputs(cfg)
+                  storage_path: str | None = None, total_steps: int | None = None) -> TorchTrainer:
+    total_steps = total_steps or check_training_inputs(cfg)
     storage, filesystem = ray_storage(cfg, storage_path)
     loop_config = {
         "config": dataclasses.asdict(cfg),
@@ -112,6 +123,7 @@ def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None 
         "tracking_uri": cfg.tracking.tracking_uri,
         "run_id": run_id,
         "checkpoint_every": cfg.train.checkpoint_every,
+        "driver": driver_identity(),
         **_failure_test_hook(cfg),
     }
     return TorchTrainer(
@@ -166,14 +178,42 @@ def fit_interruptibly(trainer: TorchTrainer):
 
 def train(cfg: ExperimentConfig, run_id: str) -> tuple[Path, int]:
     """Run training; returns the trained model directory (HF format) under output_dir and the
-    number of optimizer steps it took."""
-    result = fit_interruptibly(build_trainer(cfg, run_id))
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    number of optimizer steps it took. A run whose last checkpoint is already taken is not
+    launched again: its checkpoint is exported as it is."""
+    total_steps = check_training_inputs(cfg)
+    folder = run_folder(cfg)
+    checkpoint = _finished_checkpoint(folder, cfg.name, total_steps)
+    if checkpoint is None:
+        folder.remove_orphans()
+        checkpoint = _fit(build_trainer(cfg, run_id, total_steps=total_steps)).checkpoint
     out = Path(cfg.output_dir, "model")
-    with result.checkpoint.as_directory() as ckpt:
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(Path(ckpt) / HF_EXPORT_DIR, out)
+    with checkpoint.as_directory() as ckpt:
+        publish_model(Path(ckpt) / HF_EXPORT_DIR, out)
         steps = json.loads((Path(ckpt) / STATE_FILE).read_text())["step"]
     return out, steps
+
+
+def _finished_checkpoint(folder: RunFolder, name: str, total_steps: int) -> Checkpoint | None:
+    try:
+        path = folder.finished_checkpoint(total_steps)
+    except ValueError as err:  # CheckpointError: a run folder the user must repair or remove
+        raise InputError(str(err)) from None
+    if path is None:
+        return None
+    print(f"[cafe] {name}: finished already (checkpoint {path}); using it as it is", flush=True)
+    return Checkpoint(path, filesystem=folder.filesystem)
+
+
+def _fit(trainer: TorchTrainer):
+    """`fit`, with the loop's own stop (a non-finite loss) raised as TrainingStopped."""
+    try:
+        result = fit_interruptibly(trainer)
+    except WorkerGroupError as err:
+        stops = [getattr(f, "_base_exc", f) for f in err.worker_failures.values()]  # Ray wraps each worker's error
+        stop = next((s for s in stops if isinstance(s, NonFiniteLoss)), None)
+        if stop is not None:
+            raise TrainingStopped(str(stop)) from None
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    return result
