@@ -22,7 +22,7 @@ from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
 from cafe.gradcache import chunked, gradcache_step
 from cafe.inference import InferenceModel
-from cafe.logs import quiet_deepspeed, quiet_libraries, quiet_ray_train_reports
+from cafe.logs import quiet_deepspeed, quiet_libraries, quiet_ray_train_reports, quiet_worker_traceback_of
 from cafe.losses import CafeLoss, ContrastiveLoss
 from cafe.model import CafeModel, claim_cpus, load_vlm, set_tunable_parts
 from cafe.records import example_from_row
@@ -105,6 +105,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.use_gpu else "cpu")
     quiet_libraries()
     quiet_ray_train_reports()
+    quiet_worker_traceback_of(NonFiniteLoss)
     import deepspeed  # on workers only, after DS_ACCELERATOR is set: it picks its accelerator at import
 
     quiet_deepspeed()
