@@ -4,7 +4,7 @@ research code accumulates), one optimizer step for all of them.
 
 The LM loss is a mean over labelled tokens, so each micro-batch's mean weighs in by its share
 of the local batch's labelled tokens: the LM term and its gradient equal one unsplit batch's.
-The contrastive term is the micro-batches' mean.
+The contrastive term is the micro-batches' mean (one without a pair on any rank adds zero).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from cafe.batch import PackedBatch
+from cafe.batch import PackedBatch, pair_share
 from cafe.gradcache import plain_backward
 from cafe.losses import LossTerms
 from cafe.prompts import IGNORE_INDEX
@@ -39,4 +39,4 @@ def accumulated_step(model, micro_batches: list[PackedBatch], rank: int = 0, wor
             lm = lm_part.detach() if lm is None else lm + lm_part.detach()
         if con_part is not None:
             con = con_part.detach() if con is None else con + con_part.detach()
-    return loss_fn.combine(lm, con, world_size)
+    return loss_fn.combine(lm, con, world_size, pair_share=pair_share(micro_batches))

@@ -29,13 +29,19 @@ from cafe.sequences import (
 @dataclass(slots=True)
 class Example:
     """One training row, decoded. `query_text=None` embeds the images alone (the default
-    image<->caption pairing); `target_images` only occur with `multimodal_input`."""
+    image<->caption pairing); `target_images` only occur with `multimodal_input`. Without a
+    target (no text, or blank, and no image) the example has no pair: it trains the LM term
+    and takes no part in the contrastive term."""
 
     images: list[Image.Image]
     messages: list[dict]
     target_text: str | None
     query_text: str | None = None
     target_images: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def has_pair(self) -> bool:
+        return bool(self.target_images) or bool(self.target_text and self.target_text.strip())
 
 
 @dataclass(slots=True)
@@ -46,7 +52,7 @@ class PackedBatch:
     branch: torch.Tensor  # (rows, length) TRUNK / CONVERSATION / QUERY (target units: TRUNK)
     feature_index: torch.Tensor  # (rows, length) row of the concatenated image features, -1 for text
     lm_targets: torch.Tensor  # (rows, length) next-token label at each position, IGNORE_INDEX elsewhere
-    emb_last: torch.Tensor  # (2 * examples,) flat position of each embedding's last token: queries then targets
+    emb_last: torch.Tensor  # (2 * pairs,) flat position of each embedding's last token: queries then targets
     emb_positions: torch.Tensor  # flat positions of every embedding-prompt token (for mean pooling)
     emb_owner: torch.Tensor  # which embedding each of those positions belongs to
     pixel_values: torch.Tensor | None  # (images, crops, 3, H, W)
@@ -54,6 +60,7 @@ class PackedBatch:
     batch_num_images: list[int]  # images per prompt group, as the vision tower expects
     tokens_per_image: list[int]
     num_examples: int
+    num_pairs: int  # examples in the contrastive term (those with a pair); an embedding-only batch has none
     attention: PackedAttention  # which tokens attend to which: built here, on the CPU, once per batch
     # unpacked sequences (expanded), kept for the plain three-pass reference and for debugging
     sequences: list[dict[str, tuple[list[int], list[int], list[int]]]]
@@ -110,20 +117,27 @@ class Collator:
         return inputs, tokens_per_image(self.processor, inputs)
 
     def __call__(self, examples: list[Example]) -> PackedBatch:
+        paired = [self.with_con and ex.has_pair for ex in examples]
+        # The LM term off and no pair: nothing to learn, but the step (and every collective in it)
+        # must still run, so the conversations go through without labels.
+        idle = not (self.with_lm or any(paired))
         groups: list[list[Image.Image]] = []
         seqs: list[dict[str, Sequence]] = []
         next_image = 0
-        for ex in examples:
-            own = list(range(next_image, next_image + len(ex.images)))
-            next_image += len(ex.images)
-            groups.append(ex.images)
-            tgt = list(range(next_image, next_image + len(ex.target_images)))
-            next_image += len(ex.target_images)
-            groups.append(ex.target_images)
+        for ex, with_pair in zip(examples, paired):
+            images = ex.images if self.with_lm or with_pair or idle else []  # none that no sequence shows
+            own = list(range(next_image, next_image + len(images)))
+            next_image += len(images)
+            groups.append(images)
+            target_images = ex.target_images if with_pair else []
+            tgt = list(range(next_image, next_image + len(target_images)))
+            next_image += len(target_images)
+            groups.append(target_images)
             entry = {}
-            if self.with_lm:
-                entry["conversation"] = self._conversation(ex.messages, own)
-            if self.with_con:
+            if self.with_lm or idle:
+                conversation = self._conversation(ex.messages, own)
+                entry["conversation"] = conversation if self.with_lm else _unlabelled(conversation)
+            if with_pair:
                 query_text = ex.query_text
                 if not own and not query_text:  # a text-only row: its user turn is the query
                     query_text = strip_image_tokens(next(m["content"] for m in ex.messages if m["role"] == "user"))
@@ -214,9 +228,10 @@ class Collator:
                 target_units.append(len(units))
                 units.append(_unit_tokens(target, 0, len(target[0]), TRUNK, offsets))
         emb_spans += [list(range(len(units[u]))) for u in target_units]
-        return self._row(units, query_units + target_units, emb_spans, image_inputs, per_image, expanded)
+        return self._row(units, query_units + target_units, emb_spans, image_inputs, per_image, expanded,
+                         num_pairs=len(target_units))
 
-    def _row(self, units, emb_units, emb_spans, image_inputs, per_image, expanded) -> PackedBatch:
+    def _row(self, units, emb_units, emb_spans, image_inputs, per_image, expanded, *, num_pairs: int) -> PackedBatch:
         # Every unit side by side in one row: no padding at all. Attention never crosses units
         # (`cafe.attention` runs each unit's sequences on their own), so the row's length costs
         # nothing by itself.
@@ -248,9 +263,19 @@ class Collator:
             batch_num_images=image_inputs["batch_num_images"] if image_inputs else [],
             tokens_per_image=per_image,
             num_examples=len(expanded),
+            num_pairs=num_pairs,
             attention=plan_packed_attention(unit_ids, branch),
             sequences=expanded,
         )
+
+
+def _unlabelled(seq: Sequence) -> Sequence:
+    return Sequence(seq.ids, [IGNORE_INDEX] * len(seq.ids), seq.image_slots)
+
+
+def pair_share(batches: list[PackedBatch]) -> float:
+    """The share of the batches' examples that take part in the contrastive term."""
+    return sum(b.num_pairs for b in batches) / sum(b.num_examples for b in batches)
 
 
 def _unit_tokens(seq, start: int, stop: int, branch: int, offsets: list[int],

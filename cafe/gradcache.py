@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from cafe.batch import PackedBatch
+from cafe.batch import PackedBatch, pair_share
 from cafe.losses import CachedGrads, LossTerms
 from cafe.model import CafeModel
 from cafe.prompts import IGNORE_INDEX
@@ -71,7 +71,7 @@ def gradcache_step(model: CafeModel, chunks: list[PackedBatch], rank: int = 0, w
                                 allow_unused=True)
     grad = dict(zip(live, grads))
     param_grads = [(name, g) for name, g in zip(params, grads[len(live) :]) if g is not None]  # None: unused
-    sizes = [chunk.num_examples for chunk in chunks]
+    sizes = [chunk.num_pairs for chunk in chunks]
     query_grads = grad["query"].split(sizes) if "query" in grad else [None] * len(chunks)
     target_grads = grad["target"].split(sizes) if "target" in grad else [None] * len(chunks)
     labelled = [int((chunk.lm_targets != IGNORE_INDEX).sum()) for chunk in chunks]
@@ -89,7 +89,7 @@ def gradcache_step(model: CafeModel, chunks: list[PackedBatch], rank: int = 0, w
             part = out.lm_loss.detach() * share
             lm = part if lm is None else lm + part
     con = terms.con_loss.detach() if terms.con_loss is not None else None
-    return loss_fn.combine(lm, con, world_size)
+    return loss_fn.combine(lm, con, world_size, pair_share=pair_share(chunks))
 
 
 def _rng_state(device: torch.device) -> tuple:

@@ -1,9 +1,10 @@
 """CAFe losses as small modules with named terms.
 
-Contrastive terms are computed over the *global* batch. `gather_features` all-gathers the
-embeddings and puts the live local tensor back in its own slot, so each rank computes the full
-global loss and its backward yields the exact full-batch gradient for its own samples. With a
-world size of 1 no collective call is made.
+Contrastive terms are computed over the *global* batch of pairs. `gather_features` all-gathers
+the embeddings and puts the live local tensor back in its own slot, so each rank computes the
+full global loss and its backward yields the exact full-batch gradient for its own samples.
+Examples without a pair take no part, so ranks may hold different numbers of pairs, or none.
+With a world size of 1 no collective call is made.
 """
 from __future__ import annotations
 
@@ -17,15 +18,29 @@ from torch import nn
 
 
 def gather_features(local: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Concatenate `local` from every rank, keeping the autograd graph of this rank's slot.
+    """Concatenate `local` from every rank in rank order, keeping the autograd graph of this
+    rank's rows.
 
-    All ranks must hold the same number of rows (the trainer drops ragged last batches)."""
+    Ranks may hold different numbers of rows, none included: each shares its count, then its
+    rows padded to the largest count (at least one row, so no collective moves an empty
+    tensor). Every rank makes the same two calls whatever it holds."""
     if world_size == 1:
         return local
-    slots = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(slots, local.detach().contiguous())
-    slots[rank] = local
-    return torch.cat(slots, dim=0)
+    counts = _gather_counts(local.shape[0], local.device, world_size)
+    padded = local.new_zeros((max(1, *counts), *local.shape[1:]))
+    padded[: local.shape[0]] = local.detach()
+    slots = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(slots, padded)
+    parts = [slot[:count] for slot, count in zip(slots, counts)]
+    parts[rank] = local
+    return torch.cat(parts, dim=0)
+
+
+def _gather_counts(count: int, device: torch.device, world_size: int) -> list[int]:
+    mine = torch.tensor([count], device=device)
+    counts = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(counts, mine)
+    return [int(c) for c in counts]
 
 
 class ContrastiveLoss(nn.Module):
@@ -63,6 +78,8 @@ class ContrastiveLoss(nn.Module):
         scale = _scale_grad(self.log_scale, param_grad_scale).exp()
         logits = scale * query.float() @ target.float().T
         n = logits.shape[0]
+        if n == 0:  # no pair on any rank: zero, and every parameter still gets its (zero) gradient
+            return logits.sum() + sum(p.sum() * 0 for p in self.parameters())
         if self.kind == "infonce":
             labels = torch.arange(n, device=logits.device)
             return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -88,6 +105,8 @@ class LossTerms:
     con_loss: torch.Tensor | None
     query: torch.Tensor | None = None  # a GradCache chunk's own embeddings (`CafeModel.forward(cached=...)`)
     target: torch.Tensor | None = None
+    # the share of this rank's examples in the contrastive term (the rest have no pair); None when it is off
+    pair_share: float | None = None
 
 
 @dataclass
@@ -131,16 +150,20 @@ class CafeLoss(nn.Module):
         self.contrastive = contrastive or ContrastiveLoss()
 
     def forward(self, *, lm_loss: torch.Tensor | None, query: torch.Tensor | None, target: torch.Tensor | None,
-                rank: int = 0, world_size: int = 1) -> LossTerms:
+                rank: int = 0, world_size: int = 1, pair_share: float | None = None) -> LossTerms:
+        """`query` and `target`: the embeddings of this rank's pairs (examples without one left out)."""
         con = None
         if self.compute_contrastive_loss:
+            # one gather for both: row i of each stays a pair
+            pairs = gather_features(torch.cat([query, target], dim=1), rank, world_size)
+            gathered_query, gathered_target = pairs.split([query.shape[1], target.shape[1]], dim=1)
             # The temperature (and bias) is replicated: each rank already gets its full gradient,
             # so it is divided by world_size here to stay exact after the scaling in `combine`.
-            con = self.contrastive(gather_features(query, rank, world_size), gather_features(target, rank, world_size),
-                                   param_grad_scale=1.0 / world_size)
-        return self.combine(lm_loss, con, world_size)
+            con = self.contrastive(gathered_query, gathered_target, param_grad_scale=1.0 / world_size)
+        return self.combine(lm_loss, con, world_size, pair_share=pair_share)
 
-    def combine(self, lm_loss: torch.Tensor | None, con: torch.Tensor | None, world_size: int = 1) -> LossTerms:
+    def combine(self, lm_loss: torch.Tensor | None, con: torch.Tensor | None, world_size: int = 1, *,
+                pair_share: float | None = None) -> LossTerms:
         """The weighted terms from values already computed (GradCache reports the full batch this way)."""
         loss = objective = None
         if self.compute_language_loss:
@@ -151,4 +174,5 @@ class CafeLoss(nn.Module):
             # gradient; data-parallel averaging divides by world_size, so scale it back up.
             loss = weighted if loss is None else loss + weighted
             objective = weighted * world_size if objective is None else objective + weighted * world_size
-        return LossTerms(objective=objective, loss=loss, lm_loss=lm_loss, con_loss=con)
+        return LossTerms(objective=objective, loss=loss, lm_loss=lm_loss, con_loss=con,
+                         pair_share=pair_share if self.compute_contrastive_loss else None)

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 from cafe.attention import route_packed_attention
-from cafe.batch import PackedBatch
+from cafe.batch import PackedBatch, pair_share
 from cafe.losses import CachedGrads, CafeLoss, LossTerms
 from cafe.prompts import IGNORE_INDEX
 from cafe.vision import encode_distinct_views
@@ -170,13 +170,14 @@ class CafeModel(nn.Module):
         hidden = self.hidden_states(batch)
         lm = self.lm_loss(hidden, batch) if self.loss.compute_language_loss else None
         query = target = None
-        if self.loss.compute_contrastive_loss:
+        if self.loss.compute_contrastive_loss:  # the pairs only: examples without one have no embedding
             emb = self.pool(hidden, batch)
-            query, target = emb[: batch.num_examples], emb[batch.num_examples :]
+            query, target = emb[: batch.num_pairs], emb[batch.num_pairs :]
         if cached is not None:
             surrogate = cached.surrogate(lm, query, target, self.loss)
             return LossTerms(objective=surrogate, loss=surrogate, lm_loss=lm, con_loss=None, query=query, target=target)
-        return self.loss(lm_loss=lm, query=query, target=target, rank=rank, world_size=world_size)
+        return self.loss(lm_loss=lm, query=query, target=target, rank=rank, world_size=world_size,
+                         pair_share=pair_share([batch]))
 
     @torch.no_grad()
     def embed(self, batch: PackedBatch) -> torch.Tensor:

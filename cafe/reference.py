@@ -51,14 +51,16 @@ def _pass_inputs(processor, sequences, image_groups, *, labels: bool) -> PassInp
 
 
 def three_pass_inputs(processor, examples: list[Example], batch: PackedBatch) -> dict[str, PassInputs]:
-    """The three passes' inputs, from the same token sequences the packed batch holds."""
+    """The three passes' inputs, from the same token sequences the packed batch holds: the
+    conversations of every example, the prompts of the examples with a pair."""
+    paired = [(ex, e) for ex, e in zip(examples, batch.sequences) if "target" in e]
     return {
         "conversation": _pass_inputs(processor, [e["conversation"] for e in batch.sequences],
                                      [ex.images for ex in examples], labels=True),
-        "query": _pass_inputs(processor, [e["query"] for e in batch.sequences],
-                              [ex.images for ex in examples], labels=False),
-        "target": _pass_inputs(processor, [e["target"] for e in batch.sequences],
-                               [ex.target_images for ex in examples], labels=False),
+        "query": _pass_inputs(processor, [e["query"] for _, e in paired], [ex.images for ex, _ in paired],
+                              labels=False),
+        "target": _pass_inputs(processor, [e["target"] for _, e in paired], [ex.target_images for ex, _ in paired],
+                               labels=False),
     }
 
 

@@ -7,7 +7,10 @@
 # State lives in ${CAFE_HOME:-~/.cafe}/local: mlflow.db (SQLite store), mlartifacts/, logs/, pid
 # files. Ports: RAY_DASHBOARD_PORT (8265), MLFLOW_PORT (5000), RAY_GCS_PORT (6379). Services bind
 # CAFE_BIND_HOST (127.0.0.1). Ray keeps token authentication on; the token is never printed.
+# Bound to another address, MLflow requires a login (its basic-auth app; the admin password is
+# generated into $STATE/mlflow-auth.ini). Everything written here is readable by its owner only.
 set -euo pipefail
+umask 077
 
 CLUSTER="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(dirname "$CLUSTER")"
@@ -78,21 +81,53 @@ ready() {
 }
 
 start_ray() {
-  # Ray turns token authentication on when a token exists; make sure one does.
+  # Ray turns token authentication on when a token exists; make sure one does, where
+  # RAY_AUTH_TOKEN_PATH says (`ray get-auth-token --generate` writes only ~/.ray/auth_token).
   if [[ -z "${RAY_AUTH_TOKEN:-}" && ! -s "$TOKEN_FILE" ]]; then
-    "$VENV/bin/ray" get-auth-token --generate >/dev/null 2>&1  # stdout is the token itself
+    mkdir -p "$(dirname "$TOKEN_FILE")"
+    "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32), end="")' >"$TOKEN_FILE"
   fi
+  if [[ -f "$TOKEN_FILE" ]]; then chmod 600 "$TOKEN_FILE"; fi
+  export RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
   # --block keeps `ray start` as the group leader: on SIGTERM it drains and stops its processes.
   (set -m; RAY_AUTH_MODE=token nohup bash "$CLUSTER/start_head.sh" --port="${RAY_GCS_PORT:-6379}" --block "$@" \
     >"$LOGS/ray.log" 2>&1 </dev/null & echo $! >"$STATE/ray.pid")
 }
 
+# Off loopback, MLflow's basic-auth app: users in their own SQLite file, an admin whose password
+# is generated once and kept owner-only; runs are unreadable without a login.
+auth_config() {
+  local ini="$STATE/mlflow-auth.ini"
+  if [[ ! -s "$ini" ]]; then
+    cat >"$ini" <<INI
+[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = sqlite:///$STATE/mlflow-auth.db
+admin_username = admin
+admin_password = $("$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))')
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+  fi
+  echo "$ini"
+}
+
 start_mlflow() {
   mkdir -p "$STATE/mlartifacts"
+  local auth=()
+  if [[ "$HOST" != 127.0.0.1 ]]; then
+    auth=(--app-name basic-auth)
+    export MLFLOW_AUTH_CONFIG_PATH="$(auth_config)"
+    # the key that signs its CSRF tokens: kept, so that pages stay valid across restarts
+    [[ -s "$STATE/mlflow-flask-key" ]] || "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32))' \
+      >"$STATE/mlflow-flask-key"
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$STATE/mlflow-flask-key")"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
+  fi
   # The GenAI job runners are of no use to training runs and double the start-up time.
   (set -m; MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
     MLFLOW_BACKEND_STORE_URI="sqlite:///$STATE/mlflow.db" MLFLOW_ARTIFACTS_DESTINATION="$STATE/mlartifacts" \
-    nohup bash "$CLUSTER/mlflow_server.sh" >"$LOGS/mlflow.log" 2>&1 </dev/null & echo $! >"$STATE/mlflow.pid")
+    nohup bash "$CLUSTER/mlflow_server.sh" ${auth[@]+"${auth[@]}"} >"$LOGS/mlflow.log" 2>&1 </dev/null &
+    echo $! >"$STATE/mlflow.pid")
 }
 
 # SIGTERM to the leader first (Ray drains its node), then SIGKILL whatever is left of the group.
@@ -126,6 +161,9 @@ up() {
     exit 1
   fi
   mkdir -p "$LOGS"
+  # owner-only, also where an earlier version left the state readable by others
+  chmod 700 "$STATE" "$LOGS"
+  find "$STATE" -maxdepth 1 -type f -exec chmod 600 {} +
   local name address
   for name in "${NAMES[@]}"; do
     if running "$name"; then
@@ -197,6 +235,12 @@ Submit from the project root, with the head's token:
   .venv/bin/ray job submit --address $(url ray) --working-dir . -- \\
       cafe demo --config configs/demo.yaml --set tracking.tracking_uri=$(url mlflow)
 EOF
+  if [[ -s "$STATE/mlflow-auth.ini" ]]; then
+    cat <<EOF
+MLflow asks for a login (basic auth); as its admin:
+  export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD="\$(sed -n 's/^admin_password = //p' $STATE/mlflow-auth.ini)"
+EOF
+  fi
   return "$rc"
 }
 

@@ -6,8 +6,10 @@
 Each row ranks its own candidates against its query; the first candidate is the positive.
 Queries and candidates are pooled into distinct (text, image) items, so whatever repeats
 across rows or subsets is embedded once (as VLM2Vec does). A row that cannot be scored is
-skipped with a reason and counted, never dropped silently; a missing image file is a broken
-data set and fails the load. Pure numpy + pyarrow: the embeddings come from elsewhere.
+skipped with a reason and counted, never dropped silently: among them, rows with an image that
+may not be read (`cafe.files`: outside the image root, not a regular file, over the byte cap).
+A missing image file is a broken data set and fails the load. Pure numpy + pyarrow: the
+embeddings come from elsewhere.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from cafe.files import RefusedFile, check_image_file
 from cafe.prompts import IMAGE_TOKEN
 
 MMEB_META_TASKS: dict[str, str] = {
@@ -106,20 +109,26 @@ class _Builder:
     def __init__(self, image_root: Path) -> None:
         self.image_root = image_root
         self.index: dict[EmbedItem, int] = {}
-        self.exists: dict[str, bool] = {}
+        self.checked: dict[str, str | RefusedFile] = {}
 
-    def image(self, path: str | None, where: str) -> str | None:
+    def image(self, path: str | None, where: str) -> str | RefusedFile | None:
+        """The checked path of an image (None for no image), or why it may not be read."""
         if not path:
             return None
-        full = os.path.abspath(self.image_root / path)  # an absolute `path` replaces the root
-        if full not in self.exists:
-            self.exists[full] = os.path.isfile(full)
-        if not self.exists[full]:
-            raise ValueError(f"image file {full} not found ({where})")
-        return full
+        if path not in self.checked:
+            self.checked[path] = self._check(path, where)
+        return self.checked[path]
 
-    def item(self, inst: str | None, text: str | None, image: str | None, where: str) -> int:
-        key = EmbedItem(_embed_text(inst, text), self.image(image, where))
+    def _check(self, path: str, where: str) -> str | RefusedFile:
+        try:
+            return check_image_file(path, str(self.image_root))
+        except RefusedFile as refused:
+            return refused
+        except FileNotFoundError:
+            raise ValueError(f"image file {os.path.abspath(self.image_root / path)} not found ({where})") from None
+
+    def item(self, inst: str | None, text: str | None, image: str | None) -> int:
+        key = EmbedItem(_embed_text(inst, text), image)
         return self.index.setdefault(key, len(self.index))
 
 
@@ -132,22 +141,28 @@ def _read_rows(path: Path) -> list[dict]:
     return pq.read_table(path, columns=columns).to_pylist()
 
 
+def _shape_problem(texts: list, images: list, tgt_inst: list[str] | str | None, inst: list | None) -> str | None:
+    if not texts:
+        return "no candidates"
+    if len(images) != len(texts) or inst is None:
+        lengths = f"tgt_text {len(texts)}, tgt_img_path {len(images)}"
+        lengths += f", tgt_inst {len(tgt_inst)}" if isinstance(tgt_inst, list) else ""
+        return f"candidate lists differ in length ({lengths})"
+    return None
+
+
 def _add_row(builder: _Builder, data: MmebSet, subset: str, path: Path, i: int, row: dict) -> None:
     where = f"subset {subset}, row {i} of {path}"
     texts, images, tgt_inst = row["tgt_text"] or [], row["tgt_img_path"] or [], row.get("tgt_inst")
     inst = _targets_inst(tgt_inst, len(texts))
-    reason = None
-    if not texts:
-        reason = "no candidates"
-    elif len(images) != len(texts) or inst is None:
-        lengths = f"tgt_text {len(texts)}, tgt_img_path {len(images)}"
-        lengths += f", tgt_inst {len(tgt_inst)}" if isinstance(tgt_inst, list) else ""
-        reason = f"candidate lists differ in length ({lengths})"
+    reason = _shape_problem(texts, images, tgt_inst, inst)
+    checked = [] if reason else [builder.image(p, where) for p in (row["qry_img_path"], *images)]
+    reason = reason or next((str(c) for c in checked if isinstance(c, RefusedFile)), None)
     if reason is not None:
         data.skipped.append({"subset": subset, "row": i, "file": str(path), "reason": reason})
         return
-    query = builder.item(row.get("qry_inst"), row["qry_text"], row["qry_img_path"], where)
-    candidates = [builder.item(n, t, p, where) for n, t, p in zip(inst, texts, images)]
+    query = builder.item(row.get("qry_inst"), row["qry_text"], checked[0])
+    candidates = [builder.item(n, t, image) for n, t, image in zip(inst, texts, checked[1:])]
     data.rows.append(MmebRow(subset, str(path), i, query, candidates))
 
 

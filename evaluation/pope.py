@@ -8,6 +8,11 @@ Two layouts are read:
     original POPE              json lines: question_id, image (file name under an image root),
                                text (the question), label (yes/no), optional category
 
+Image paths are read only inside the image root, and only regular files under the byte cap
+(`cafe.files`); a question whose image is refused is a counted skip, its reason
+`<refusal>: <detail>` (e.g. `path_outside_root: ...`). A missing image file is a broken data set
+and fails the load.
+
 Answer convention (`parse_answer`): the first word of the reply, lower-cased and stripped of
 punctuation, must be "yes" or "no"; anything else is "other" and counts as a wrong answer.
 This is stricter than the original POPE script, which reads any reply without "no"/"not" as
@@ -17,16 +22,19 @@ share of "other" replies is reported next to the scores. Pure Python + pyarrow.
 from __future__ import annotations
 
 import json
-import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from cafe.files import RefusedFile, check_image_file
+
 POPE_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 LABELS = ("yes", "no")
+PARQUET_COLUMNS = ("question_id", "question", "answer", "image")  # lmms-eval's, read here
+JSONL_KEYS = ("question_id", "image", "text", "label")  # the original files'
 
 
 def pope_prompt(question: str) -> str:
@@ -52,10 +60,19 @@ def _label(value: object, where: str) -> str:
 
 
 def _image_file(name: str, image_root: Path, where: str) -> str:
-    path = os.path.abspath(image_root / name)
-    if not os.path.isfile(path):
-        raise ValueError(f"image file {path} not found ({where})")
-    return path
+    """The checked path of an image under `image_root`; RefusedFile when it may not be read."""
+    if not name:
+        raise ValueError(f"no image named ({where})")
+    try:
+        return check_image_file(name, str(image_root))
+    except FileNotFoundError:
+        raise ValueError(f"image file {image_root / name} not found ({where})") from None
+
+
+def _require(names: list[str] | dict, required: tuple[str, ...], where: str, layout: str) -> None:
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(map(repr, missing))}; a POPE {layout} has {', '.join(required)}")
 
 
 def _category_from_name(path: Path) -> str:
@@ -63,48 +80,69 @@ def _category_from_name(path: Path) -> str:
     return next((c for c in POPE_CATEGORIES if c in path.stem), "")
 
 
-def _parquet_items(path: Path, image_root: Path) -> list[PopeItem]:
-    items = []
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-        where = f"row {i} of {path}"
-        image, image_path = row["image"], None
-        if isinstance(image, dict) and image.get("bytes") is not None:
-            image = image["bytes"]
-        else:
-            name = image.get("path") if isinstance(image, dict) else image
-            image, image_path = None, _image_file(name or "", image_root, where)
-        label = _label(row["answer"], where)
-        items.append(PopeItem(row["question_id"], row["question"], label, row.get("category") or "", image, image_path))
-    return items
+def _parquet_item(row: dict, image_root: Path, where: str) -> PopeItem:
+    image, image_path = row["image"], None
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        image = image["bytes"]
+    else:
+        name = image.get("path") if isinstance(image, dict) else image
+        image, image_path = None, _image_file(name, image_root, where)
+    label = _label(row["answer"], where)
+    return PopeItem(row["question_id"], row["question"], label, row.get("category") or "", image, image_path)
 
 
-def _jsonl_items(path: Path, image_root: Path) -> list[PopeItem]:
-    items = []
+def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
+    table = pq.read_table(path)
+    _require(table.column_names, PARQUET_COLUMNS, str(path), "parquet file")
+    return [(f"row {i} of {path}", row) for i, row in enumerate(table.to_pylist())]
+
+
+def _jsonl_item(row: dict, image_root: Path, where: str) -> PopeItem:
+    label = _label(row["label"], where)
+    image_path = _image_file(row["image"], image_root, where)
+    return PopeItem(row["question_id"], row["text"], label, row["category"], None, image_path)
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str, dict]]:
+    rows = []
     default_category = _category_from_name(path)
     for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        row, where = json.loads(line), f"line {i + 1} of {path}"
-        label = _label(row["label"], where)
-        category = row.get("category") or default_category
-        image_path = _image_file(row["image"], image_root, where)
-        items.append(PopeItem(row["question_id"], row["text"], label, category, None, image_path))
-    return items
+        if line.strip():
+            row, where = json.loads(line), f"line {i + 1} of {path}"
+            _require(row, JSONL_KEYS, where, "json-lines file")
+            rows.append((where, row | {"category": row.get("category") or default_category}))
+    return rows
 
 
-def load_pope(path: str | Path, image_root: str | Path | None = None) -> list[PopeItem]:
-    """POPE questions from a parquet file, a folder of parquet files, or a json-lines file.
+def _file_items(file: Path, image_root: Path) -> tuple[list[PopeItem], list[dict]]:
+    """The file's questions, and those skipped because their image may not be read."""
+    jsonl = file.suffix in (".jsonl", ".json")
+    read_rows, make_item = (_jsonl_rows, _jsonl_item) if jsonl else (_parquet_rows, _parquet_item)
+    items, skipped = [], []
+    for where, row in read_rows(file):
+        try:
+            items.append(make_item(row, image_root, where))
+        except RefusedFile as err:
+            skipped.append({"question_id": row["question_id"], "file": str(file), "reason": str(err)})
+    return items, skipped
+
+
+def load_pope(path: str | Path, image_root: str | Path | None = None) -> tuple[list[PopeItem], list[dict]]:
+    """POPE questions from a parquet file, a folder of parquet files, or a json-lines file, and
+    the questions skipped (with a reason) because their image may not be read.
 
     Image paths are read under `image_root` (default: the folder of the data file)."""
     path = Path(path)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"no parquet files in {path}")
-    items = []
+    items, skipped = [], []
     for file in files:
         root = Path(image_root) if image_root is not None else file.parent
-        items += _jsonl_items(file, root) if file.suffix in (".jsonl", ".json") else _parquet_items(file, root)
-    return items
+        file_items, file_skipped = _file_items(file, root)
+        items += file_items
+        skipped += file_skipped
+    return items, skipped
 
 
 def parse_answer(text: str) -> str:

@@ -4,19 +4,22 @@ A `Request` is one unit of model work: embed a (text, image) input, greedily ans
 question about an image, or score a conversation's assistant tokens (NLL). Suites build lists
 of requests; a backend (`evaluation.backends`) answers them with an `InferenceModel` in this
 process, on a Ray actor pool, or on the training workers. Images travel as encoded bytes or as
-a file path that is read where the model runs, and are decoded there. An image that cannot be
-read becomes that request's error, never a failed job.
+a file path that is read where the model runs (through `cafe.files`: a regular file under the
+byte cap), and are decoded there. An image that cannot be read or decoded, a decompression bomb
+included, becomes that request's error, `<reason>: <detail>`, never a failed job.
 """
 from __future__ import annotations
 
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cafe.files import read_regular_file
 from cafe.inference import InferenceModel
 
 Op = Literal["embed", "generate", "nll"]
@@ -57,18 +60,25 @@ class Answers:
 
 
 def decode_image(data: bytes | None, path: str | None) -> Image.Image:
+    """The image as RGB, or ValueError "<reason>: <detail>" (a `cafe.files.RefusedFile` for a file
+    refused unread)."""
     if data is None:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular_file(path)
         except OSError as err:
-            raise ValueError(f"cannot read image file {path}: {err.strerror}") from None
+            raise ValueError(f"missing_image_file: cannot read image file {path}: {err.strerror}") from None
+    where = f" ({path})" if path else ""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError):  # PIL's own message names a BytesIO address: not reproducible
-        where = f" ({path})" if path else ""
-        raise ValueError(f"not an image PIL can read{where}, {len(data)} bytes") from None
+        with warnings.catch_warnings():
+            # past Pillow's pixel limit, refused before decoding, not only warned about
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"image_too_large: {err}{where}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):  # Pillow's many types for bad data
+        # PIL's own message names a BytesIO address: not reproducible
+        raise ValueError(f"undecodable_image: not an image PIL can read{where}, {len(data)} bytes") from None
 
 
 def answer(model: InferenceModel, requests: list[Request]) -> Answers:

@@ -80,12 +80,13 @@ def mmeb_task(name: str, path: Path, image_root: Path | None, cfg: EvalConfig) -
 
 
 def pope_task(name: str, path: Path, image_root: Path | None, cfg: EvalConfig) -> SuiteTask:
-    items = pope.load_pope(path, image_root)
+    items, refused = pope.load_pope(path, image_root)
     requests = [Request("generate", text=pope.pope_prompt(it.question), image=it.image, image_path=it.image_path,
                         max_new_tokens=cfg.max_new_tokens) for it in items]
 
     def score(ans: Answers) -> SuiteResult:
-        skipped = [{"question_id": it.question_id, "reason": err} for it, err in zip(items, ans.errors) if err]
+        skipped = refused + [{"question_id": it.question_id, "reason": err}
+                             for it, err in zip(items, ans.errors) if err]
         kept = [(it, text) for it, text, err in zip(items, ans.texts, ans.errors) if not err]
         parsed = [pope.parse_answer(text) for _, text in kept]
         metrics = pope.pope_metrics([it.label for it, _ in kept], parsed, [it.category for it, _ in kept])

@@ -10,8 +10,9 @@ How a run goes:
    training shard and one quarantine shard, named after the unit, into staging directories;
 3. check and publish (driver, here): read == written + quarantined per unit and per run (the
    written counts are read back from the files' footers), then the staging directories replace
-   the outputs and `summary.json` is written with the counts; MLflow gets them too when a run
-   is active.
+   the outputs and `summary.json` is written with the counts, the files quarantined whole (they
+   could not be opened) and the files without rows, both also warned about on the console;
+   MLflow gets the counts too when a run is active.
 
 Determinism: file names and row order come from the plan (subset order, sorted file names, row
 order), never from scheduling, so re-runs, the Ray and the local executor and any parallelism
@@ -39,7 +40,8 @@ import pyarrow.fs as pafs
 from cafe.config import IngestConfig
 from cafe.logs import clock
 from cafe.schema import SCHEMA_VERSION
-from pipelines.plan import PipelineError, WorkUnit, plan_units
+from pipelines.pairs import NO_PAIR_REASONS, PAIRED
+from pipelines.plan import PipelineError, Plan, WorkUnit, plan_units
 from pipelines.records import REASONS, ConvertOptions
 from pipelines.storage import Storage, StorageError, is_s3, join, normalise, redact, staging_path
 from pipelines.subsets import DatasetYamlError, SubsetSpec, discover_subsets, load_dataset_yaml
@@ -59,9 +61,13 @@ class PipelineSummary:
     quarantined: int
     sampled_out: int  # rows left out on purpose by sampling_ratio
     quarantined_by_reason: dict[str, int]
+    paired: int  # written rows with a contrastive pair text (`pipelines.pairs`)
+    unpaired_by_reason: dict[str, int]  # written rows without one (they train the LM term only)
     subsets: dict[str, dict[str, Any]]
     train_files: list[str]
     quarantine_files: list[str]
+    quarantined_files: list[dict[str, str]]  # input files not opened: subset, file, reason, detail
+    files_without_rows: list[dict[str, str]]  # input files read whole that hold no row: subset, file
     output_dir: str
     quarantine_dir: str
     options: dict[str, Any]
@@ -116,10 +122,14 @@ def run_pipeline(
     for final in (output_dir, quarantine_dir):
         _check_replaceable(storage, final)
 
-    units, source_rows = plan_units(
-        subsets, storage=storage, rows_per_shard=options.rows_per_shard, multimodal_input=options.multimodal_input
+    plan = plan_units(
+        subsets, storage=storage, rows_per_shard=options.rows_per_shard, multimodal_input=options.multimodal_input,
+        pair_text=options.pair_text,
     )
-    log.info("planned %d units over %d subsets (%d source rows)", len(units), len(subsets), sum(source_rows.values()))
+    units = plan.units
+    log.info("planned %d units over %d subsets (%d source rows)", len(units), len(subsets),
+             sum(plan.source_rows.values()))
+    _warn_about_files(plan)
     context = UnitContext(
         storage=storage,
         convert=ConvertOptions(
@@ -127,6 +137,7 @@ def run_pipeline(
             max_text_chars=options.max_text_chars,
             max_side=options.max_side or None,
         ),
+        max_image_bytes=options.max_image_bytes,
         compression=options.compression,
         train_staging=staging_path(output_dir),
         quarantine_staging=staging_path(quarantine_dir),
@@ -140,7 +151,7 @@ def run_pipeline(
             reports = _run_units_with_ray(units, context, options)
         else:
             reports = [process_unit(u, context) for u in units]
-        summary = _summarise(units, reports, source_rows, subsets, options, output_dir, quarantine_dir)
+        summary = _summarise(plan, reports, subsets, options, output_dir, quarantine_dir)
         summary.task_s = sum(r["seconds"] for r in reports)
     except BaseException:
         for path in staging:
@@ -191,8 +202,13 @@ def log_to_mlflow(summary: PipelineSummary) -> bool:
         return False
     metrics = {"data/read": summary.read, "data/written": summary.written, "data/quarantined": summary.quarantined}
     metrics["data/sampled_out"] = summary.sampled_out
+    metrics["data/quarantined_files"] = len(summary.quarantined_files)
+    metrics["data/files_without_rows"] = len(summary.files_without_rows)
     for reason in REASONS:
         metrics[f"data/quarantined/{reason}"] = summary.quarantined_by_reason.get(reason, 0)
+    metrics["data/paired"] = summary.paired
+    for reason in NO_PAIR_REASONS:
+        metrics[f"data/unpaired/{reason}"] = summary.unpaired_by_reason.get(reason, 0)
     mlflow.log_metrics(metrics)
     mlflow.log_dict(summary.to_dict(), "data/summary.json")
     return True
@@ -214,7 +230,8 @@ def _run_units_with_ray(units: list[WorkUnit], context: UnitContext, options: In
         return []
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=options.num_cpus or None, include_dashboard=False)
-    items = [{"unit": json.dumps(dataclasses.asdict(u), ensure_ascii=False)} for u in units]
+    # ASCII JSON: a lone surrogate in a row would make Arrow fall back to pickling the unit
+    items = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
     with _single_operator_data_context(ray.data.DataContext.get_current()), _ray_data_console_quiet():
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
@@ -245,8 +262,8 @@ class IngestProgress:
 
     def unit_done(self, report: dict[str, Any]) -> None:
         self.done += 1
-        self.written += report["written"]
-        self.quarantined += report["quarantined"]
+        self.written += report.get("written", 0)  # a failed unit has no counts; the driver names its error
+        self.quarantined += report.get("quarantined", 0)
         now = time.perf_counter()
         self.first_done = self.first_done or now
         if now - self.last_line >= self.every_s and self.done < self.total:
@@ -302,15 +319,23 @@ def _single_operator_data_context(data_context: Any):
 # check and summarise
 
 
+def _warn_about_files(plan: Plan) -> None:
+    for problem in plan.quarantined_files:
+        log.warning("quarantined %s (subset %r) whole, it cannot be read: %s",
+                    problem["file"], problem["subset"], problem["detail"])
+    for empty in plan.files_without_rows:
+        log.warning("%s (subset %r) holds no rows", empty["file"], empty["subset"])
+
+
 def _summarise(
-    units: list[WorkUnit],
+    plan: Plan,
     reports: list[dict[str, Any]],
-    source_rows: dict[str, int],
     subsets: list[SubsetSpec],
     options: IngestConfig,
     output_dir: str,
     quarantine_dir: str,
 ) -> PipelineSummary:
+    units, source_rows = plan.units, plan.source_rows
     reports = sorted(reports, key=lambda r: r["index"])
     if [r["index"] for r in reports] != [u.index for u in units]:
         raise PipelineError(f"got reports for {len(reports)} of {len(units)} work units")
@@ -327,6 +352,8 @@ def _summarise(
             "source_rows": source_rows.get(spec.name, 0),
             "sampled_out": 0, "read": 0, "written": 0, "quarantined": 0,
             "quarantined_by_reason": Counter(),
+            "pair_text": spec.pair_text or options.pair_text,
+            "pairs": Counter(),
         }
     for r in reports:
         s = per_subset[r["subset"]]
@@ -335,7 +362,9 @@ def _summarise(
         for key in ("sampled_out", "read", "written", "quarantined"):
             s[key] += r[key]
         s["quarantined_by_reason"].update(r["reasons"])
+        s["pairs"].update(r["pairs"])
     by_reason: Counter = Counter()
+    unpaired: Counter = Counter()
     for name, s in per_subset.items():
         if s["source_rows"] != s["read"] + s["sampled_out"]:
             raise PipelineError(
@@ -343,22 +372,30 @@ def _summarise(
             )
         by_reason.update(s["quarantined_by_reason"])
         s["quarantined_by_reason"] = dict(sorted(s["quarantined_by_reason"].items()))
+        s.update(_pair_counts(s.pop("pairs"), written=s["written"], subset=name))
+        unpaired.update(s["unpaired_by_reason"])
     summary = PipelineSummary(
         read=sum(s["read"] for s in per_subset.values()),
         written=sum(s["written"] for s in per_subset.values()),
         quarantined=sum(s["quarantined"] for s in per_subset.values()),
         sampled_out=sum(s["sampled_out"] for s in per_subset.values()),
         quarantined_by_reason=dict(sorted(by_reason.items())),
+        paired=sum(s["paired"] for s in per_subset.values()),
+        unpaired_by_reason=dict(sorted(unpaired.items())),
         subsets=per_subset,
         train_files=[r["train_file"] for r in reports if r["train_file"]],
         quarantine_files=[r["quarantine_file"] for r in reports if r["quarantine_file"]],
+        quarantined_files=plan.quarantined_files,
+        files_without_rows=plan.files_without_rows,
         output_dir=redact(output_dir),
         quarantine_dir=redact(quarantine_dir),
         options={
             "max_image_pixels": options.max_image_pixels,
+            "max_image_bytes": options.max_image_bytes,
             "max_text_chars": options.max_text_chars,
             "max_side": options.max_side,
             "multimodal_input": options.multimodal_input,
+            "pair_text": options.pair_text,
             "rows_per_shard": options.rows_per_shard,
             "compression": options.compression,
         },
@@ -366,6 +403,14 @@ def _summarise(
     assert summary.read == summary.written + summary.quarantined, "read != written + quarantined"
     assert summary.quarantined == sum(summary.quarantined_by_reason.values())
     return summary
+
+
+def _pair_counts(pairs: Counter, *, written: int, subset: str) -> dict[str, Any]:
+    """A subset's written rows split into those with a pair and those without, by reason."""
+    unpaired = {reason: n for reason, n in sorted(pairs.items()) if reason != PAIRED}
+    if pairs[PAIRED] + sum(unpaired.values()) != written:
+        raise PipelineError(f"subset {subset!r}: {written} rows written but pair outcomes for {sum(pairs.values())}")
+    return {"paired": pairs[PAIRED], "unpaired_by_reason": unpaired}
 
 
 def _publish(
@@ -418,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quarantine-dir")
     defaults = IngestConfig()
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
+    parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
+                        help="image files larger than this are quarantined unread")
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars)
     parser.add_argument("--max-side", type=int, default=defaults.max_side,
                         help="resize so the longer side is at most this")
@@ -432,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options = IngestConfig(
         max_image_pixels=args.max_image_pixels,
+        max_image_bytes=args.max_image_bytes,
         max_text_chars=args.max_text_chars,
         max_side=args.max_side,
         multimodal_input=args.multimodal_input,

@@ -24,14 +24,19 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
+from cafe.config import IngestConfig
+from cafe.files import REFUSAL_REASONS, RefusedFile
 from cafe.prompts import IMAGE_TOKEN
+from pipelines.pairs import choose_pair
 
 # Every reason a row can be quarantined for. `unreadable_source`: a whole input chunk could not
-# be read (its rows are quarantined by position, with no id).
+# be read (its rows are quarantined by position, with no id). `undecodable_text`: a parquet text
+# value that is not UTF-8; `unencodable_text`: text that cannot be written as UTF-8 (a lone
+# surrogate from a json escape). The image file reasons come from `cafe.files`.
 REASONS = (
     "malformed_row",
     "duplicate_id",
@@ -39,10 +44,12 @@ REASONS = (
     "image_token_mismatch",
     "empty_text",
     "text_too_long",
+    "undecodable_text",
+    "unencodable_text",
     "missing_image_file",
+    *REFUSAL_REASONS,  # path_outside_root, not_a_regular_file, image_too_large
     "undecodable_image",
     "truncated_image",
-    "image_too_large",
     "unreadable_source",
 )
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -58,6 +65,7 @@ class ConvertOptions:
     max_text_chars: int = 32_768  # all turns together
     max_side: int | None = None  # resize (keeping aspect) so that max(width, height) <= this
     multimodal_input: bool = False  # fill query_text / target_text
+    pair_text: str = IngestConfig.pair_text  # the pair-text policy (`pipelines.pairs`)
 
 
 class Rejected(Exception):
@@ -251,6 +259,12 @@ def image_reference(row: dict[str, Any]) -> tuple[bytes | None, str | None]:
     raise Rejected("malformed_row", f"image is a {type(image).__name__}")
 
 
+class Converted(NamedTuple):
+    ok: bool
+    record: dict[str, Any]  # the training row, or the quarantine row
+    pair: str = ""  # a training row's pair outcome: "paired" or why it has none (`pipelines.pairs`)
+
+
 def convert_row(
     row: dict[str, Any],
     *,
@@ -259,8 +273,8 @@ def convert_row(
     load_image: Callable[[str], bytes],
     duplicate: bool = False,
     origin: dict[str, Any] | None = None,
-) -> tuple[bool, dict[str, Any]]:
-    """(True, training row) or (False, quarantine row). Never raises for bad data.
+) -> Converted:
+    """(True, training row, pair outcome) or (False, quarantine row). Never raises for bad data.
 
     `load_image(path)` returns the bytes of an image given by path (the caller resolves it
     against the subset's image root); `duplicate` marks a repeated id (decided by the caller,
@@ -283,29 +297,33 @@ def convert_row(
         if path is not None:
             try:
                 data = load_image(path)
-            except Exception as e:  # noqa: BLE001 - any failure to fetch the file
+            except RefusedFile as e:
+                raise Rejected(e.reason, e.detail) from None
+            except Exception as e:  # noqa: BLE001 - any other failure to fetch the file
                 raise Rejected("missing_image_file", f"{path}: {_describe(e)}") from None
         if data is not None:
             image = prepare_image(data, max_image_pixels=options.max_image_pixels, max_side=options.max_side)
-        pair_text = first_turn_text(turns, "assistant")
-        return True, {
+        pair = choose_pair(turns, row, policy=options.pair_text)
+        return Converted(True, _check_encodable({
             "id": uid,
             "source": subset,
             "image": image.data if image else None,
             "width": image.width if image else None,
             "height": image.height if image else None,
             "conversations": json.dumps(turns, ensure_ascii=False),
-            "pair_text": pair_text,
+            "pair_text": pair.text,
+            # multimodal_input: the query is the first user turn and the target its reply, whatever its length
             "query_text": first_turn_text(turns, "user") if options.multimodal_input else None,
-            "target_text": pair_text if options.multimodal_input else None,
+            "target_text": first_turn_text(turns, "assistant") if options.multimodal_input else None,
             "target_image": None,
-        }
+        }), pair.outcome)
     except Rejected as e:
-        return False, quarantine_record(row, subset=subset, uid=uid, reason=e.reason, detail=e.detail, origin=origin)
+        return Converted(False, quarantine_record(row, subset=subset, uid=uid, reason=e.reason, detail=e.detail,
+                                                  origin=origin))
     except Exception as e:  # noqa: BLE001 - a bug or an input we did not foresee: still quarantined
         detail = _describe(e)
-        return False, quarantine_record(row, subset=subset, uid=uid, reason="malformed_row", detail=detail,
-                                        origin=origin)
+        return Converted(False, quarantine_record(row, subset=subset, uid=uid, reason="malformed_row", detail=detail,
+                                                  origin=origin))
 
 
 def quarantine_record(
@@ -321,12 +339,30 @@ def quarantine_record(
     if origin:
         raw["_origin"] = origin
     return {
-        "id": uid,
+        "id": None if uid is None else _writable(uid),
         "source": subset,
         "reason": reason,
-        "detail": detail[:_DETAIL_CHARS],
-        "raw": json.dumps(raw, ensure_ascii=False, default=repr),
+        "detail": _writable(detail[:_DETAIL_CHARS]),
+        "raw": _writable(json.dumps(raw, ensure_ascii=False, default=repr)),
     }
+
+
+def _check_encodable(record: dict[str, Any]) -> dict[str, Any]:
+    """The record, when every text in it can be written as UTF-8; else Rejected: one such row
+    must not fail the writing of its whole shard."""
+    for key, value in record.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise Rejected("unencodable_text", f"{key}: {e.reason} at character {e.start}") from None
+    return record
+
+
+def _writable(text: str) -> str:
+    """Text a quarantine row can hold: what UTF-8 cannot encode becomes a backslash escape (in
+    `raw`, a JSON escape that reads back as the original)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def elide_bytes(value: Any) -> Any:

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from cafe.files import check_size, read_regular_file
+
 
 class StorageError(ValueError):
     """A path or URI that cannot be used."""
@@ -125,6 +127,16 @@ class Storage:
     def read_bytes(self, uri: str) -> bytes:
         fs, path = self.resolve(uri)
         with fs.open_input_stream(path) as f:
+            return f.read()
+
+    def read_capped(self, uri: str, *, max_bytes: int) -> bytes:
+        """A file's bytes, refused unread (`cafe.files.RefusedFile`) when larger than `max_bytes`
+        or, on a local disk, not a regular file (an object store holds nothing else)."""
+        if not is_s3(uri):
+            return read_regular_file(normalise(uri), max_bytes=max_bytes)
+        fs, path = self.resolve(uri)
+        with fs.open_input_file(path) as f:
+            check_size(f.size(), uri, max_bytes)
             return f.read()
 
     def write_bytes(self, uri: str, data: bytes) -> None:

@@ -8,6 +8,10 @@ every parquet shard under a directory.
         image_root: ...                                  # llava_json: images are relative to this
         sampling_ratio: 0.5                              # a fraction in (0, 1], or "all"
         multimodal_input: false                          # optional; default: the run's flag
+        pair_text: caption                               # optional; default: the run's data.ingest.pair_text
+
+`pair_text` is how each row's contrastive pair text is chosen (`pipelines.pairs`): `caption`,
+`first_assistant`, `longest_assistant`, `column:NAME` (a text column of the source) or `none`.
 
 `${raw_dir}` in a path is the run's input directory; `${NAME}` is an environment variable.
 """
@@ -21,13 +25,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from cafe.config import PAIR_TEXT_CHOICES, is_pair_text_policy
 from pipelines.storage import Storage, StorageError, basename, is_s3, normalise, parent, redact
 
 FORMATS = ("onevision_parquet", "llava_json")
-SUBSET_KEYS = ("name", "path", "format", "image_root", "sampling_ratio", "multimodal_input")
+SUBSET_KEYS = ("name", "path", "format", "image_root", "sampling_ratio", "multimodal_input", "pair_text")
 TOP_LEVEL_KEYS = ("datasets",)
 log = logging.getLogger(__name__)
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -45,6 +51,7 @@ class SubsetSpec:
     image_root: str | None = None  # llava_json; default: the json file's directory
     sampling_ratio: float = 1.0
     multimodal_input: bool | None = None  # None: the run's `multimodal_input` option
+    pair_text: str | None = None  # the pair-text policy; None: the run's `pair_text` option
 
 
 def load_dataset_yaml(path: str, *, raw_dir: str | None = None, storage: Storage | None = None) -> list[SubsetSpec]:
@@ -101,13 +108,17 @@ def _parse_subset(entry: Any, index: int, origin: str, raw_dir: str | None) -> S
     mm = entry.get("multimodal_input")
     if mm is not None and not isinstance(mm, bool):
         raise DatasetYamlError(f"{where}: multimodal_input must be true or false, got {mm!r}")
+    pair_text = entry.get("pair_text")
+    if pair_text is not None and not is_pair_text_policy(pair_text):
+        raise DatasetYamlError(f"{where}: pair_text {pair_text!r} is not one of {PAIR_TEXT_CHOICES}")
     try:
         path = normalise(path)
         image_root = normalise(_expand(str(image_root), where, raw_dir)) if image_root else None
     except StorageError as e:
         raise DatasetYamlError(f"{where}: {e}") from None
     return SubsetSpec(
-        name=name, path=path, format=fmt, image_root=image_root, sampling_ratio=ratio, multimodal_input=mm
+        name=name, path=path, format=fmt, image_root=image_root, sampling_ratio=ratio, multimodal_input=mm,
+        pair_text=pair_text,
     )
 
 
@@ -137,7 +148,8 @@ def discover_subsets(input_dir: str, storage: Storage | None = None) -> list[Sub
     """Every OneVision parquet shard under `input_dir`, one subset per folder, named after it.
 
     Parquet files without a `conversations` column (e.g. evaluation files written beside the
-    training shards) are skipped with a warning.
+    training shards) are skipped with a warning; files whose schema cannot be read stay in, so
+    that the run quarantines them by name.
     Folders whose names collide (a/x and b/x) are named by their path relative to `input_dir`
     instead. Subsets are sorted by name, so the run order does not depend on listing order.
     """
@@ -168,7 +180,10 @@ def discover_subsets(input_dir: str, storage: Storage | None = None) -> list[Sub
 
 def _is_onevision_shard(uri: str, storage: Storage) -> bool:
     fs, path = storage.resolve(uri)
-    return "conversations" in pq.read_schema(path, filesystem=fs).names
+    try:
+        return "conversations" in pq.read_schema(path, filesystem=fs).names
+    except (OSError, pa.ArrowException):  # empty or truncated: nothing says it is not a shard
+        return True
 
 
 def default_image_root(spec: SubsetSpec) -> str | None:

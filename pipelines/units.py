@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -15,10 +14,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cafe.files import confine
 from cafe.schema import QUARANTINE_SCHEMA, TRAIN_SCHEMA
 from pipelines.plan import PipelineError, WorkUnit
 from pipelines.records import ConvertOptions, convert_row, keep_by_hash, quarantine_record, row_id, unique_id
-from pipelines.storage import Storage, is_s3, join, redact
+from pipelines.storage import Storage, join, redact
 
 
 @dataclass(kw_only=True)
@@ -26,7 +26,8 @@ class UnitContext:
     """What every unit needs besides itself; pickled once into the Ray tasks."""
 
     storage: Storage
-    convert: ConvertOptions  # multimodal_input comes from each unit
+    convert: ConvertOptions  # multimodal_input and pair_text come from each unit
+    max_image_bytes: int  # image files named by path are refused unread above this
     compression: str  # text columns; encoded image columns are stored uncompressed
     train_staging: str
     quarantine_staging: str
@@ -46,7 +47,8 @@ def process_unit(unit: WorkUnit, context: UnitContext) -> dict[str, Any]:
 
 def _process_unit(unit: WorkUnit, context: UnitContext) -> dict[str, Any]:
     storage = context.storage
-    convert_options = dataclasses.replace(context.convert, multimodal_input=unit.multimodal_input)
+    convert_options = dataclasses.replace(context.convert, multimodal_input=unit.multimodal_input,
+                                          pair_text=unit.pair_text)
     expected = unit.row_stop - unit.row_start
     source = redact(unit.source)
     try:
@@ -60,16 +62,22 @@ def _process_unit(unit: WorkUnit, context: UnitContext) -> dict[str, Any]:
         )
 
     def load_image(path: str) -> bytes:
-        return storage.read_bytes(_image_uri(path, unit.image_root))
+        return storage.read_capped(confine(path, unit.image_root), max_bytes=context.max_image_bytes)
 
     duplicates = set(unit.duplicates)
     good, bad, sampled_out = [], [], 0
+    pairs: Counter = Counter()  # training rows by pair outcome: "paired", or why they have none
     for offset, row in enumerate(rows):
         file_row = unit.row_start + offset
         origin = {"file": source, "row": file_row}
         if load_error:
             bad.append(quarantine_record(
                 None, subset=unit.subset, uid=None, reason="unreadable_source", detail=load_error, origin=origin
+            ))
+            continue
+        if isinstance(row, UndecodableRow):
+            bad.append(quarantine_record(
+                None, subset=unit.subset, uid=None, reason="undecodable_text", detail=row.detail, origin=origin
             ))
             continue
         if not isinstance(row, dict):
@@ -82,11 +90,13 @@ def _process_unit(unit: WorkUnit, context: UnitContext) -> dict[str, Any]:
         if source_id is not None and not keep_by_hash(unique_id(unit.subset, source_id), unit.sampling_ratio):
             sampled_out += 1
             continue
-        ok, record = convert_row(
+        ok, record, pair = convert_row(
             row, subset=unit.subset, options=convert_options, load_image=load_image,
             duplicate=file_row in duplicates, origin=origin,
         )
         (good if ok else bad).append(record)
+        if ok:
+            pairs[pair] += 1
 
     name, codec = unit.output_name, context.compression
     written = _write(good, TRAIN_SCHEMA, join(context.train_staging, name), storage, codec)
@@ -100,6 +110,7 @@ def _process_unit(unit: WorkUnit, context: UnitContext) -> dict[str, Any]:
         "written": written,
         "quarantined": quarantined,
         "reasons": dict(Counter(r["reason"] for r in bad)),
+        "pairs": dict(pairs),
         "train_file": unit.output_name if good else "",
         "quarantine_file": unit.output_name if bad else "",
     }
@@ -121,15 +132,33 @@ def _load_rows(unit: WorkUnit, storage: Storage) -> list[Any]:
         if not groups:
             return []
         table = pf.read_row_groups(groups)
-    return table.slice(unit.row_start - first, unit.row_stop - unit.row_start).to_pylist()
+    return _python_rows(table.slice(unit.row_start - first, unit.row_stop - unit.row_start))
 
 
-def _image_uri(path: str, image_root: str | None) -> str:
-    if is_s3(path) or os.path.isabs(path):
-        return path
-    if not image_root:
-        raise FileNotFoundError(f"relative image path {path!r} and the subset has no image_root")
-    return join(image_root, path)
+@dataclass(frozen=True)
+class UndecodableRow:
+    """A parquet row holding text that is not UTF-8 (Arrow reads it; Python cannot decode it)."""
+
+    detail: str
+
+
+def _python_rows(table: pa.Table) -> list[dict[str, Any] | UndecodableRow]:
+    """The rows as dicts; where some text is not UTF-8, row by row, so that only the rows that
+    hold it are lost."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        return [_python_row(table.slice(i, 1)) for i in range(table.num_rows)]
+
+
+def _python_row(row: pa.Table) -> dict[str, Any] | UndecodableRow:
+    values = {}
+    for name in row.column_names:
+        try:
+            values[name] = row.column(name)[0].as_py()
+        except UnicodeDecodeError as e:
+            return UndecodableRow(f"column {name!r} is not UTF-8: {e.reason} at byte {e.start}")
+    return values
 
 
 def _write(records: list[dict], schema: pa.Schema, uri: str, storage: Storage, compression: str) -> int:

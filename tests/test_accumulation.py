@@ -24,14 +24,17 @@ def test_lm_term_of_micro_batches_equals_the_unsplit_batch(tiny_checkpoint, micr
     assert_same_step(accumulated(model, collator, examples, micro_size), unchunked(model, collator, examples))
 
 
-def test_with_the_contrastive_term_each_micro_batch_is_its_own_contrastive_batch(tiny_checkpoint):
+# mixed pairs: two pairs in each half, or none in the second (its contrastive term is zero)
+@pytest.mark.parametrize("unpaired", [(), (1, 4), (3, 4, 5)], ids=["all-paired", "mixed-pairs", "half-without-pairs"])
+def test_with_the_contrastive_term_each_micro_batch_is_its_own_contrastive_batch(tiny_checkpoint, unpaired):
     model, collator = build(tiny_checkpoint)
-    examples = make_examples(seed=6)
+    examples = make_examples(seed=6, unpaired=unpaired)
     halves = chunked(examples, 3)
     con = [model(collator(half)).con_loss.detach() for half in halves]
     whole_lm = model(collator(examples)).lm_loss.detach()
     terms, grads = accumulated(model, collator, examples, 3)
     torch.testing.assert_close(terms.con_loss, (con[0] + con[1]) / 2)
+    assert terms.pair_share == (len(examples) - len(unpaired)) / len(examples)
     torch.testing.assert_close(terms.lm_loss, whole_lm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms.loss, model.loss.alpha_lm * whole_lm + model.loss.con_weight * terms.con_loss,
                                rtol=1e-5, atol=1e-6)

@@ -1,7 +1,8 @@
 """The global-batch contrastive loss on two gloo ranks equals the single-process loss on the
 concatenated batch: values, gradients of each rank's own rows, and (after data-parallel
 averaging of `objective`'s gradients) every parameter gradient, the learnable temperature
-included. World size 1 makes no collective call."""
+included; also when rows without a pair leave the ranks different numbers of pairs, or one rank
+none. World size 1 makes no collective call."""
 from datetime import timedelta
 
 import pytest
@@ -16,10 +17,14 @@ from cafe.losses import CafeLoss, ContrastiveLoss, gather_features
 WORLD = 2
 ROWS = 6  # global batch
 PER_RANK = ROWS // WORLD
+# `unpaired`: global rows without a pair (they still train the 'lm' head)
 CASES = {
     "infonce-contrastive-only": dict(kind="infonce", with_lm=False),
     "infonce-with-lm": dict(kind="infonce", with_lm=True),
     "sigmoid-with-lm": dict(kind="sigmoid", with_lm=True),
+    "infonce-uneven-pairs": dict(kind="infonce", with_lm=True, unpaired=(1, 2)),
+    "sigmoid-rank-without-pairs": dict(kind="sigmoid", with_lm=True, unpaired=(3, 4, 5)),
+    "infonce-contrastive-only-rank-without-pairs": dict(kind="infonce", with_lm=False, unpaired=(0, 1, 2)),
 }
 
 
@@ -42,13 +47,20 @@ def make_modules(kind: str, with_lm: bool) -> tuple[nn.ModuleDict, CafeLoss]:
     return towers, loss
 
 
-def run_case(kind: str, with_lm: bool, rank: int, world_size: int) -> dict:
+def paired_rows(unpaired: tuple[int, ...], rank: int, world_size: int) -> list[int]:
+    """This rank's global rows that have a pair."""
+    return [i for i in range(rank * ROWS // world_size, (rank + 1) * ROWS // world_size) if i not in unpaired]
+
+
+def run_case(kind: str, with_lm: bool, rank: int, world_size: int, unpaired: tuple[int, ...] = ()) -> dict:
     """One step on this rank's rows: loss values, d loss / d own features, d objective / d params."""
     towers, loss_fn = make_modules(kind, with_lm)
     rows = slice(rank * ROWS // world_size, (rank + 1) * ROWS // world_size)
-    x = {k: v[rows] for k, v in make_inputs().items()}
-    q = F.normalize(towers["query"](x["xq"]), dim=-1)
-    t = F.normalize(towers["target"](x["xt"]), dim=-1)
+    inputs = make_inputs()
+    x = {k: v[rows] for k, v in inputs.items()}
+    paired = paired_rows(unpaired, rank, world_size)
+    q = F.normalize(towers["query"](inputs["xq"][paired]), dim=-1)
+    t = F.normalize(towers["target"](inputs["xt"][paired]), dim=-1)
     lm = F.cross_entropy(towers["head"](x["xh"]), x["yh"]) if with_lm else None
     terms = loss_fn(lm_loss=lm, query=q, target=t, rank=rank, world_size=world_size)
     names = [n for n, _ in towers.named_parameters()] + [f"loss.{n}" for n, _ in loss_fn.named_parameters()]
@@ -79,6 +91,13 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         (g,) = torch.autograd.grad((gathered * torch.arange(1.0, ROWS + 1)[:, None]).sum(), local)
         weights = torch.arange(1.0, ROWS + 1)[rank * PER_RANK : (rank + 1) * PER_RANK, None]
         assert torch.equal(g, weights.expand_as(local))
+        # uneven: rank 0 holds two rows, rank 1 none; both join the same calls
+        uneven = make_inputs()["xq"][: 2 if rank == 0 else 0].clone().requires_grad_(True)
+        gathered = gather_features(uneven, rank, WORLD)
+        assert torch.equal(gathered.detach(), make_inputs()["xq"][:2])
+        weights = torch.tensor([[1.0], [2.0]])
+        (g,) = torch.autograd.grad((gathered * weights).sum(), uneven)
+        assert torch.equal(g, weights[: len(uneven)].expand_as(uneven))
         results = {name: run_case(**case, rank=rank, world_size=WORLD) for name, case in CASES.items()}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -97,6 +116,10 @@ def test_two_ranks_match_one_process(per_rank, case):
     single = run_case(**CASES[case], rank=0, world_size=1)
     ranks = [r[case] for r in per_rank]
     tol = dict(rtol=1e-5, atol=1e-6)
+    unpaired = CASES[case].get("unpaired", ())
+    every_pair = paired_rows(unpaired, 0, 1)
+    # where each rank's pairs sit among the single process's
+    own = [[every_pair.index(i) for i in paired_rows(unpaired, rank, WORLD)] for rank in range(WORLD)]
 
     # every rank computes the full global contrastive loss
     for r in ranks:
@@ -105,16 +128,14 @@ def test_two_ranks_match_one_process(per_rank, case):
     # ranks the global mean, so the reported loss averages to the single-process one
     torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), single["loss"], **tol)
 
-    # a rank's own rows get exactly the single-process gradient of the loss ...
+    # a rank's own pairs get exactly the single-process gradient of the loss ...
     for rank, r in enumerate(ranks):
-        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         for got, want in zip(r["d_loss_features"], single["d_loss_features"]):
-            torch.testing.assert_close(got, want[rows], **tol)
+            torch.testing.assert_close(got, want[own[rank]], **tol)
     # ... and `objective` scales the contrastive part by the world size (ranks average grads)
     for rank, r in enumerate(ranks):
-        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         for got, want in zip(r["d_objective_features"], single["d_objective_features"]):
-            torch.testing.assert_close(got, WORLD * want[rows], **tol)
+            torch.testing.assert_close(got, WORLD * want[own[rank]], **tol)
 
     # data-parallel averaging of `objective`'s parameter gradients gives the single-process
     # gradient, for the towers and for the loss's own learnable temperature (and bias)

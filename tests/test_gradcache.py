@@ -26,7 +26,8 @@ CASES = {
 }
 
 
-def make_examples(seed: int, n: int = EXAMPLES) -> list[Example]:
+def make_examples(seed: int, n: int = EXAMPLES, unpaired: tuple[int, ...] = ()) -> list[Example]:
+    """`n` examples; those in `unpaired` have no pair (they train the LM term only)."""
     rng = random.Random(seed)
     examples = []
     for i in range(n):
@@ -38,6 +39,8 @@ def make_examples(seed: int, n: int = EXAMPLES) -> list[Example]:
         if i == 2:  # multi-turn: a chunk's share of labelled tokens differs from its share of examples
             messages += [{"role": "user", "content": "how many"}, {"role": "assistant", "content": "two"}]
         target_images = [random_image(rng, 64, 64)] if i == 4 else []
+        if i in unpaired:
+            answer, target_images = "", []
         examples.append(Example(images=images, messages=messages, target_text=answer, target_images=target_images))
     return examples
 
@@ -85,14 +88,18 @@ def assert_same_step(got, want):
         assert err <= 1e-4, (name, err.item(), g.norm().item())
 
 
+# mixed pairs: chunks of 2 give a chunk without a pair (rows 2 and 3), chunks of 4 two pairs each
+@pytest.mark.parametrize("unpaired", [(), (2, 3)], ids=["all-paired", "mixed-pairs"])
 @pytest.mark.parametrize("chunk_size", [2, 4], ids=["chunks-2-2-2", "chunks-4-2"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_gradcache_matches_the_unchunked_step(tiny_checkpoint, case, chunk_size):
+def test_gradcache_matches_the_unchunked_step(tiny_checkpoint, case, chunk_size, unpaired):
     model, collator = build(tiny_checkpoint, **CASES[case])
-    examples = make_examples(1)
+    examples = make_examples(1, unpaired=unpaired)
     want = unchunked(model, collator, examples)
     got = chunked_step(model, collator, examples, chunk_size)
     assert_same_step(got, want)
+    share = (EXAMPLES - len(unpaired)) / EXAMPLES if model.loss.compute_contrastive_loss else None
+    assert got[0].pair_share == want[0].pair_share == share
     grads = want[1]
     vision = [n for n in grads if ".vision_tower." in n]
     assert vision and all(grads[n].norm() > 0 for n in vision[:4])  # a real gradient everywhere it is compared
@@ -144,8 +151,8 @@ def test_dropout_draws_the_same_masks_in_both_forwards(tiny_checkpoint):
     emb = [model.pool(h, c) for h, c in zip(hidden, chunks)]
     counts = [int((c.lm_targets != IGNORE_INDEX).sum()) for c in chunks]
     lm = sum(model.lm_loss(h, c) * n for h, c, n in zip(hidden, chunks, counts)) / sum(counts)
-    query = torch.cat([e[: c.num_examples] for e, c in zip(emb, chunks)])
-    target = torch.cat([e[c.num_examples :] for e, c in zip(emb, chunks)])
+    query = torch.cat([e[: c.num_pairs] for e, c in zip(emb, chunks)])
+    target = torch.cat([e[c.num_pairs :] for e, c in zip(emb, chunks)])
     kept = model.loss(lm_loss=lm, query=query, target=target)
     kept.objective.backward()
     want = (kept, gradients(model))
@@ -175,13 +182,13 @@ def test_chunked_splits_examples_in_order():
 WORLD = 2
 
 
-def _worker(rank: int, store_path: str, checkpoint: str, out_dir: str) -> None:
+def _worker(rank: int, store_path: str, checkpoint: str, out_dir: str, unpaired: tuple[int, ...]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=120))
     try:
         model, collator = build(checkpoint)
-        local = make_examples(6)[rank * 3 : (rank + 1) * 3]
+        local = make_examples(6, unpaired=unpaired)[rank * 3 : (rank + 1) * 3]
         results = {"unchunked": unchunked(model, collator, local, rank, WORLD),
                    "gradcache": chunked_step(model, collator, local, 2, rank, WORLD)}
         torch.save({k: (vars(terms), grads) for k, (terms, grads) in results.items()}, f"{out_dir}/rank{rank}.pt")
@@ -189,10 +196,13 @@ def _worker(rank: int, store_path: str, checkpoint: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_match_the_unchunked_step_on_each_rank(tiny_checkpoint, tmp_path):
+# mixed pairs: rank 0 holds two pairs, rank 1 none (it still joins every gather)
+@pytest.mark.parametrize("unpaired", [(), (1, 3, 4, 5)], ids=["all-paired", "rank-without-pairs"])
+def test_two_ranks_match_the_unchunked_step_on_each_rank(tiny_checkpoint, tmp_path, unpaired):
     """The global gather: each rank's GradCache step (chunks 2 + 1) equals its unchunked step, whose
     agreement with one process over the concatenated batch tests/test_gather.py checks."""
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tiny_checkpoint), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tiny_checkpoint), str(tmp_path), unpaired), nprocs=WORLD,
+             join=True)
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         results = {k: (LossTerms(**terms), grads) for k, (terms, grads) in saved.items()}

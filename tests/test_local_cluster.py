@@ -240,3 +240,46 @@ def test_up_status_submit_down(env, tmp_path):
             except ProcessLookupError:
                 pass
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.slow
+def test_state_is_owner_only_and_an_exposed_mlflow_asks_for_a_login(env, tmp_path):
+    """Off 127.0.0.1 (here 127.0.0.2, still loopback so nothing leaves the machine) the MLflow
+    server runs MLflow's basic-auth app; the token goes where RAY_AUTH_TOKEN_PATH says; every
+    state file is its owner's alone, also where an earlier version left them open."""
+    state = Path(env["CAFE_HOME"]) / "local"
+    state.mkdir(parents=True, mode=0o755)
+    (state / "mlflow.db").touch(mode=0o644)  # as left by an earlier version, before the umask
+    token_path = tmp_path / "secrets" / "ray_token"
+    env = {**env, "CAFE_BIND_HOST": "127.0.0.2", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    temp_dir = tempfile.mkdtemp(prefix="cafe-ray-", dir="/tmp")
+    ray_flags = [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                 f"--temp-dir={temp_dir}"]
+    try:
+        up = local(env, "up", *ray_flags, timeout=420)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert mode(token_path) == 0o600 and len(token_path.read_text()) == 64
+        assert not (Path(env["HOME"]) / ".ray" / "auth_token").exists()
+        assert mode(state) == 0o700 and mode(state / "logs") == 0o700
+        files = [p for p in state.iterdir() if p.is_file()]
+        assert {"mlflow.db", "mlflow.pid", "ray.pid", "mlflow-auth.ini"} <= {p.name for p in files}
+        assert all(mode(p) == 0o600 for p in files), {p.name: oct(mode(p)) for p in files}
+
+        mlflow_url = f"http://127.0.0.2:{env['MLFLOW_PORT']}"
+        api = f"{mlflow_url}/api/2.0/mlflow/experiments/search"
+        assert requests.get(f"{mlflow_url}/health", timeout=10).status_code == 200
+        anonymous = requests.get(api, params={"max_results": 1}, timeout=10)
+        assert anonymous.status_code == 401, anonymous.text
+        password = next(line.split(" = ", 1)[1] for line in (state / "mlflow-auth.ini").read_text().splitlines()
+                        if line.startswith("admin_password = "))
+        assert password not in up.stdout + up.stderr
+        login = requests.get(api, params={"max_results": 1}, auth=("admin", password), timeout=10)
+        assert login.status_code == 200, login.text
+        assert "MLFLOW_TRACKING_USERNAME=admin" in local(env, "status").stdout
+    finally:
+        local(env, "down", timeout=180)
+        shutil.rmtree(temp_dir, ignore_errors=True)

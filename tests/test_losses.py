@@ -150,3 +150,15 @@ def test_param_grad_scale_keeps_the_value_and_scales_only_the_temperature_gradie
     torch.testing.assert_close(d_scaled[0], d_plain[0])
     torch.testing.assert_close(d_scaled[1], 0.25 * d_plain[1])
     torch.testing.assert_close(d_scaled[2], 0.25 * d_plain[2])
+
+
+@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
+def test_no_pairs_give_zero_and_a_zero_gradient_for_every_parameter(kind):
+    """A step whose batch holds no pair on any rank: the term is zero, not NaN, and the learnable
+    temperature (and bias) still get their gradient, so every rank's optimizer sees the same parameters."""
+    module = ContrastiveLoss(kind=kind, learnable=True)
+    q, t = torch.zeros(0, 8, requires_grad=True), torch.zeros(0, 8, requires_grad=True)
+    loss = module(q, t)
+    assert loss.item() == 0.0
+    grads = torch.autograd.grad(loss, [q, t, *module.parameters()])
+    assert all(g is not None and not g.any() for g in grads)

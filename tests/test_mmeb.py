@@ -194,7 +194,7 @@ def test_broken_rows_are_skipped_and_counted(tmp_path):
 
 def test_missing_image_fails_naming_the_file(tmp_path):
     (tmp_path / "there.png").write_bytes(b"png")
-    absolute = tmp_path / "elsewhere" / "target.png"  # outside the image root: used as given
+    absolute = tmp_path / "elsewhere" / "target.png"  # absolute and inside the image root: used as given
     absolute.parent.mkdir()
     absolute.write_bytes(b"png")
     _subset(tmp_path / "data", "Good", [_row("q", ["a"], "there.png", [str(absolute)])])

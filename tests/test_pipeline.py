@@ -201,7 +201,7 @@ def test_planted_rows_ray_job_nothing_lost_and_deterministic(ray_cluster, plante
     g1 = rows["ov/g1"]
     assert json.loads(g1["conversations"]) == [
         {"role": "user", "content": "<image>\nWhat is shown?"}, {"role": "assistant", "content": "A red square."}]
-    assert g1["pair_text"] == "A red square." and g1["query_text"] is None
+    assert g1["pair_text"] == "" and g1["query_text"] is None  # its caption, "A red square.", is too short
     assert Image.open(io.BytesIO(g1["image"])).format == "JPEG" and (g1["width"], g1["height"]) == (32, 24)
     g2 = rows["ov/g2"]
     assert json.loads(g2["conversations"])[0]["content"] == "<image>\nDescribe it."
@@ -210,7 +210,10 @@ def test_planted_rows_ray_job_nothing_lost_and_deterministic(ray_cluster, plante
     assert rows["ov/g3"]["image"] is None and rows["ov/g3"]["width"] is None
     assert [t["role"] for t in json.loads(rows["ov/g4"]["conversations"])] == \
         ["system", "user", "assistant", "user", "assistant"]
-    assert rows["ov/g4"]["pair_text"] == "Red."
+    assert rows["ov/g4"]["pair_text"] == ""
+    # no planted reply is long enough to pair (pipelines.pairs): counted, by reason
+    assert summary.paired == 0 and summary.unpaired_by_reason == {"no_caption_turn": 5, "too_short": 5}
+    assert summary.subsets["lj"]["unpaired_by_reason"] == {"no_caption_turn": 2, "too_short": 1}
     assert json.loads(rows["ov/g7"]["conversations"])[0]["content"] == "<image>\nName the colour."
     assert json.loads(rows["lj/5"]["conversations"])[0]["content"] == "<image>\nGrey?"
     assert rows["ov/g5"]["image"] and rows["lj/j1"]["image"]
@@ -248,7 +251,7 @@ def test_multimodal_input_resize_and_sampling(tmp_path):
     row = kept[0]
     n = int(row["id"].split("/r")[1])
     assert (row["query_text"], row["target_text"], row["pair_text"]) == \
-        ("What is shown?", f"Caption {n}.", f"Caption {n}.")
+        ("What is shown?", f"Caption {n}.", "")  # the target is the reply; two words are no contrastive pair
     assert (row["width"], row["height"]) == (16, 8) == Image.open(io.BytesIO(row["image"])).size
 
 
@@ -306,6 +309,7 @@ def test_prepare_image_policy():
         ("  - name: coco\n    format: llava_json\n", "subset 'coco': missing required key 'path'"),
         ("  - name: coco\n    path: {p}\n    sampling_ratio: 2\n", "subset 'coco': sampling_ratio must be"),
         ("  - name: coco\n    path: {p}\n  - name: coco\n    path: {p}\n", "['coco'] appear more than once"),
+        ("  - name: coco\n    path: {p}\n    pair_text: captions\n", "subset 'coco': pair_text 'captions' is not"),
         ("  - name: coco\n    path: ${{NOT_SET_ANYWHERE_42}}/x\n", "subset 'coco': uses ${{NOT_SET_ANYWHERE_42}}"),
     ],
 )
@@ -343,6 +347,7 @@ def test_example_dataset_yamls_parse(tmp_path):
     scenes = load_dataset_yaml(str(REPO / "configs/datasets/scenes.yaml"), raw_dir="runs/demo/raw")
     assert [s.name for s in scenes] == ["scenes_caption"]
     assert scenes[0].path == os.path.abspath("runs/demo/raw/onevision/scenes_caption")
+    assert scenes[0].pair_text == "caption"
     reference = load_dataset_yaml(str(REPO / "configs/datasets/onevision_reference.yaml"), raw_dir="s3://bucket/ov")
     assert [s.name for s in reference] == [
         "sharegpt4o", "sharegpt4v(coco)", "sharegpt4v(knowledge)", "sharegpt4v(llava)", "sharegpt4v(sam)",

@@ -136,15 +136,15 @@ def test_lmms_eval_layout(tmp_path):
     second = _lmms_row("2", "no", {"bytes": None, "path": "b.jpg"}, "popular")
     _parquet(folder / "test-00001-of-00002.parquet", [second])
     _parquet(folder / "test-00000-of-00002.parquet", [_lmms_row("1", "yes", {"bytes": b"raw", "path": "a.jpg"})])
-    items = load_pope(folder, tmp_path / "img")
+    items, skipped = load_pope(folder, tmp_path / "img")
     assert items == [
         PopeItem("1", "Is there a cat? 1", "yes", "random", b"raw", None),
         PopeItem("2", "Is there a cat? 2", "no", "popular", None, str(tmp_path / "img" / "b.jpg")),
-    ]
+    ] and skipped == []
     plain = _parquet(tmp_path / "plain.parquet", [_lmms_row("7", "Yes", "img/b.jpg", "adversarial")])
-    assert load_pope(plain) == [  # string paths; the image root defaults to the file's folder
+    assert load_pope(plain) == ([  # string paths; the image root defaults to the file's folder
         PopeItem("7", "Is there a cat? 7", "yes", "adversarial", None, str(tmp_path / "img" / "b.jpg"))
-    ]
+    ], [])
 
 
 def test_original_json_lines_layout(tmp_path):
@@ -157,10 +157,10 @@ def test_original_json_lines_layout(tmp_path):
     path = tmp_path / "coco_pope_adversarial.json"  # one category per original file, named in it
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     image = str(tmp_path / "COCO_val2014_000000000001.jpg")
-    assert load_pope(path, tmp_path) == [
+    assert load_pope(path, tmp_path) == ([
         PopeItem(1, "Is there a dog?", "yes", "adversarial", None, image),
         PopeItem(2, "Is there a car?", "no", "random", None, image),
-    ]
+    ], [])
 
 
 def test_bad_label_and_missing_image_name_file_and_row(tmp_path):

@@ -9,11 +9,13 @@ import torch
 from cafe.batch import Collator, Example
 from cafe.losses import CafeLoss, ContrastiveLoss
 from cafe.model import CafeModel, load_vlm
+from cafe.prompts import IGNORE_INDEX
 from cafe.reference import three_pass_inputs, three_pass_step
 from tests.conftest import random_image
 
 
-def make_examples(seed, *, multimodal):
+def make_examples(seed, *, multimodal, unpaired=()):
+    """Four examples; those in `unpaired` have no pair (empty target text, no target image)."""
     rng = random.Random(seed)
     examples = []
     for i in range(4):
@@ -25,22 +27,26 @@ def make_examples(seed, *, multimodal):
         if i == 2:  # multi-turn: labels on both answers
             messages += [{"role": "user", "content": "how many"}, {"role": "assistant", "content": "two"}]
         target_images = [random_image(rng, 64, 64)] if multimodal and i % 2 == 0 else []
+        if i in unpaired:
+            answer, target_images = "", []
         examples.append(Example(images=images, messages=messages, target_text=answer,
                                 query_text="what is here" if multimodal and i == 3 else None,
                                 target_images=target_images))
     return examples
 
 
+@pytest.mark.parametrize("unpaired", [(), (1, 2)], ids=["all-paired", "mixed-pairs"])
 @pytest.mark.parametrize("emb_type", ["last", "mean"])
 @pytest.mark.parametrize("multimodal", [False, True], ids=["text-target", "image-in-target"])
-def test_packed_step_matches_three_pass(tiny_checkpoint, emb_type, multimodal):
+def test_packed_step_matches_three_pass(tiny_checkpoint, emb_type, multimodal, unpaired):
+    """Mixed pairs: the plain passes embed the paired examples alone, the LM pass takes every one."""
     torch.manual_seed(0)
     vlm, processor = load_vlm(tiny_checkpoint)
     loss = CafeLoss(con_weight=0.7, contrastive=ContrastiveLoss(temperature=0.1, learnable=True))
     model = CafeModel(vlm, loss, emb_type=emb_type).train()
     for p in model.parameters():  # dropout-free and deterministic already; make sure
         p.requires_grad_(True)
-    examples = make_examples(1, multimodal=multimodal)
+    examples = make_examples(1, multimodal=multimodal, unpaired=unpaired)
     batch = Collator(processor)(examples)
 
     fast = model(batch)
@@ -62,6 +68,78 @@ def test_packed_step_matches_three_pass(tiny_checkpoint, emb_type, multimodal):
     for name, g in ref_grads.items():
         err = (fast_grads[name] - g).norm() / torch.maximum(g.norm(), 1e-3 * scale)
         assert err <= 1e-4, (name, err.item(), g.norm().item())
+
+
+def gradients(*modules) -> dict[str, torch.Tensor]:
+    """Every gradient of the modules' parameters (the loss's log-scale as "temperature"), cleared after."""
+    grads = {}
+    for module in modules:
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                grads["temperature" if name == "log_scale" else name] = p.grad.clone()
+                p.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("blank", ["", "  \n", None])
+def test_an_example_without_a_pair_has_no_embedding_prompts(tiny_checkpoint, blank):
+    """No image is ever paired with an empty text: the example keeps its conversation only."""
+    _, processor = load_vlm(tiny_checkpoint)
+    examples = make_examples(2, multimodal=False)
+    examples[1].target_text = blank
+    batch = Collator(processor)(examples)
+    assert [sorted(entry) for entry in batch.sequences] == [
+        ["conversation", "query", "target"], ["conversation"], ["conversation", "query", "target"],
+        ["conversation", "query", "target"]]
+    assert (batch.num_examples, batch.num_pairs, batch.emb_last.shape[0]) == (4, 3, 6)
+
+
+def test_unpaired_rows_train_the_lm_term_only(tiny_checkpoint):
+    """A mixed batch's step is the LM step over every row plus the contrastive step over the
+    paired rows alone: the same values and the same gradient on every parameter."""
+    torch.manual_seed(0)
+    vlm, processor = load_vlm(tiny_checkpoint)
+    contrastive = ContrastiveLoss(temperature=0.1, learnable=True)
+
+    def step(examples, **flags):
+        loss = CafeLoss(alpha_lm=0.6, con_weight=0.7, contrastive=contrastive, **flags)
+        terms = CafeModel(vlm, loss).train()(Collator(processor, **flags)(examples))
+        return terms
+
+    examples = make_examples(1, multimodal=False, unpaired=(1, 2))
+    mixed = step(examples)
+    mixed.objective.backward()
+    want = gradients(vlm, contrastive)
+
+    lm = step(examples, compute_contrastive_loss=False)
+    con = step([ex for ex in examples if ex.has_pair], compute_language_loss=False)
+    (lm.objective + con.objective).backward()
+    got = gradients(vlm, contrastive)
+
+    torch.testing.assert_close(mixed.lm_loss, lm.lm_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed.con_loss, con.con_loss, rtol=1e-5, atol=1e-6)
+    assert (mixed.pair_share, lm.pair_share, con.pair_share) == (0.5, None, 1.0)
+    assert got.keys() == want.keys() and "temperature" in want
+    scale = torch.stack([g.norm() for g in want.values()]).max()
+    for name, g in want.items():
+        err = (got[name] - g).norm() / torch.maximum(g.norm(), 1e-3 * scale)
+        assert err <= 1e-4, (name, err.item(), g.norm().item())
+
+
+def test_a_contrastive_only_batch_without_pairs_still_runs_the_step(tiny_checkpoint):
+    """LM term off and no pair in the batch: the conversations go through unlabelled, so the model
+    runs (and, on several ranks, joins every collective) and each parameter gets a zero gradient."""
+    vlm, processor = load_vlm(tiny_checkpoint)
+    contrastive = ContrastiveLoss(learnable=True)
+    model = CafeModel(vlm, CafeLoss(compute_language_loss=False, contrastive=contrastive)).train()
+    batch = Collator(processor, compute_language_loss=False)(make_examples(3, multimodal=False, unpaired=range(4)))
+    assert batch.num_pairs == 0 and (batch.lm_targets == IGNORE_INDEX).all() and batch.pixel_values is not None
+    terms = model(batch)
+    terms.objective.backward()
+    assert terms.con_loss.item() == 0.0 and terms.pair_share == 0.0
+    grads = gradients(vlm, contrastive)
+    assert "temperature" in grads and any(".vision_tower." in name for name in grads)
+    assert all(not g.any() for g in grads.values())
 
 
 def test_packed_step_in_bfloat16(tiny_checkpoint):

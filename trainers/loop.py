@@ -276,9 +276,10 @@ def _in_training_evaluation(cfg: ExperimentConfig, model: CafeModel, processor, 
 
 
 def _loss_metrics(terms, engine, model: CafeModel, world: int, grad_norm: torch.Tensor | None) -> dict[str, float]:
-    values = torch.stack([t.detach().float() if t is not None else torch.tensor(float("nan"))
-                          for t in (terms.loss, terms.lm_loss, terms.con_loss)]).cpu()
-    if world > 1:  # the LM loss is a per-rank mean: average it (contrastive is global already)
+    share = terms.pair_share if terms.pair_share is not None else float("nan")
+    values = torch.stack([t.detach().float().cpu() if t is not None else torch.tensor(float("nan"))
+                          for t in (terms.loss, terms.lm_loss, terms.con_loss)] + [torch.tensor(share)])
+    if world > 1:  # the LM loss and the pair share are per-rank means of equal batches: average them
         dist.all_reduce(values)
         values /= world
     metrics = {"train/loss": values[0].item(), "train/lr": engine.get_lr()[0],
@@ -290,6 +291,7 @@ def _loss_metrics(terms, engine, model: CafeModel, world: int, grad_norm: torch.
         metrics["train/lm_loss"] = values[1].item()
     if terms.con_loss is not None:
         metrics["train/con_loss"] = values[2].item()
+        metrics["train/pair_share"] = values[3].item()  # the rows whose pair text entered the contrastive term
     return metrics
 
 
