@@ -27,7 +27,7 @@ class TinySpec:
     second on one core and learn the embedded scenes in minutes on two."""
 
     # tokenizer vocabulary trained on the corpus: room for every word and the chat scaffolding
-    # as single tokens, as a real tokenizer has (at 512 'assistant' took 4 tokens)
+    # as single tokens, as a real tokenizer has (a smaller one splits role names into pieces)
     vocab_size: int = 1024
     model_vocab_size: int = 0  # embedding rows, 0: the tokenizer's (a real size makes logits cost real)
     image_size: int = 64
@@ -70,9 +70,8 @@ class ScenesConfig:
     image_size: int = 128
     seed: int = 0
     # share of training conversations that ask their question before the caption. Evaluation asks
-    # every question about the image alone; asked after the caption, the answer is in the text.
-    # 0.5 against 0.25, same base budget: QA exact match 0.60 against 0.54 (181 held-out questions),
-    # MMEB 0.12 against 0.06, caption loss 0.457 against 0.464.
+    # every question about the image alone; asked after the caption, the answer is in the text
+    # (docs/results.md has what the share did to QA and MMEB).
     question_first: float = 0.5
 
 

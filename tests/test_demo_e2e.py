@@ -78,3 +78,28 @@ def test_demo_pretrains_the_base_once_then_fine_tunes_it(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.strip().splitlines()[-1] == f"{tmp_path}/base/model"
     assert len(client.search_runs([client.get_experiment_by_name("cafe-demo").experiment_id])) == 2
+
+    # launched again, the finished demo is scored, not retrained: the third launch prints the
+    # first's table, and its checkpoint, its model and its metric history are as they were
+    table = done.stdout[done.stdout.index("| metric | base | CAFe |"):done.stdout.index("Greedy captions")]
+    for _ in range(2):
+        relaunch = cafe(*args, cwd=tmp_path)
+        assert relaunch.returncode == 0, relaunch.stderr[-2000:]
+        assert "demo: finished already" in relaunch.stdout
+    assert table in relaunch.stdout
+    checkpoint = tmp_path / "out" / "ray_results" / "demo" / "checkpoint_0000002"
+    assert (checkpoint / "hf" / "config.json").is_file() and (tmp_path / "out" / "model" / "config.json").is_file()
+    for name in ("eval/retrieval/scenes/i2t_r1", "train/con_loss"):
+        assert len(client.get_metric_history(demo_run.info.run_id, name)) == 2
+
+    # the finished base stage, launched again towards new base folders, keeps its own checkpoint and export
+    for folder in ("base-a", "base-b"):
+        moved = cafe("pretrain", "--config", str(REPO / "configs/demo.yaml"),
+                     *sum((["--set", o] for o in overrides), []), "--set", f"model.checkpoint={tmp_path}/{folder}",
+                     cwd=tmp_path)
+        assert moved.returncode == 0, moved.stderr[-2000:]
+        assert moved.stdout.strip().splitlines()[-1] == f"{tmp_path}/{folder}"
+        assert (tmp_path / folder / "config.json").is_file()
+    assert (tmp_path / "base" / "ray_results" / "base" / "checkpoint_0000003" / "hf" / "config.json").is_file()
+    assert (tmp_path / "base" / "model" / "config.json").is_file()
+    assert len(client.get_metric_history(base_run.info.run_id, "train/lm_loss")) == 3
