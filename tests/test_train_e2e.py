@@ -117,7 +117,7 @@ def test_a_run_whose_worker_dies_resumes_exactly(prepared, runs, monkeypatch):
                                filter_string="tags.`cafe.run_key` = 'zero2-restarted'")
     assert [r.info.run_id for r in keyed] == [run_id]
     history = client.get_metric_history(run_id, "train/loss")
-    assert sorted(m.step for m in history) == sorted([*range(1, FAIL_AT + 1), *range(5, STEPS + 1)])  # 5, 6 twice
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # 5 and 6, trained twice, logged once
     assert curve(restarted, "zero2-restarted") == pytest.approx(curve(runs, "zero2"), rel=1e-5)
 
 
