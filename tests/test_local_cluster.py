@@ -85,7 +85,7 @@ def env(tmp_path):
     (tmp_path / "home").mkdir()
     return {**env, "HOME": str(tmp_path / "home"), "CAFE_HOME": str(tmp_path / "cafe"),
             "RAY_DASHBOARD_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
-            "RAY_GCS_PORT": str(free_port()), "RAY_NUM_CPUS": "4", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_GCS_PORT": str(free_port()), "RAY_USAGE_STATS_ENABLED": "0",
             "CAFE_UP_TIMEOUT": "300"}
 
 

@@ -113,6 +113,21 @@ def check_training_inputs(cfg: ExperimentConfig) -> int:
     return planned_steps(data_order(cfg), cfg)
 
 
+def check_cluster_fits(cfg: ExperimentConfig) -> None:
+    """A run whose workers want more CPUs (or GPUs) than the whole Ray cluster has would wait
+    for them forever: refuse it in one line instead."""
+    import ray
+
+    total = ray.cluster_resources()
+    per_worker = {"CPU": cfg.train.cpus_per_worker, "GPU": 1 if cfg.train.use_gpu else 0}
+    for resource, each in per_worker.items():
+        need, have = cfg.train.num_workers * each, total.get(resource, 0)
+        if need > have:
+            raise InputError(f"a run needs {need:g} {resource}s (train.num_workers {cfg.train.num_workers} x {each:g}) "
+                             f"and the Ray cluster has {have:g}: lower train.num_workers or train.cpus_per_worker, "
+                             "or add nodes")
+
+
 def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None = None,
                   storage_path: str | None = None, total_steps: int | None = None) -> TorchTrainer:
     total_steps = total_steps or check_training_inputs(cfg)
@@ -181,6 +196,7 @@ def train(cfg: ExperimentConfig, run_id: str) -> tuple[Path, int]:
     number of optimizer steps it took. A run whose last checkpoint is already taken is not
     launched again: its checkpoint is exported as it is."""
     total_steps = check_training_inputs(cfg)
+    check_cluster_fits(cfg)
     folder = run_folder(cfg)
     checkpoint = _finished_checkpoint(folder, cfg.name, total_steps)
     if checkpoint is None:

@@ -22,13 +22,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from cafe.config import ConfigError, ExperimentConfig, config_from_dict, to_flat_dict
-from trainers.run import build_trainer, data_order, planned_steps
+from trainers.run import build_trainer, check_cluster_fits, data_order, planned_steps
 from trainers.tracking import RUN_KEY_TAG, ended_status, finish_run, get_or_create_run, log_metrics, provenance_tags
 from tuning.report import SweepSummary, Trial, best_trial, write_sweep_report
 from tuning.space import ARM, Dimension, search_space, trial_values, with_values
 
 OBJECTIVE = "objective"
-TRIAL_CPU = 0.01  # the trial's driver function only launches its TorchTrainer, whose workers hold the CPUs
+# A trial's function only launches its TorchTrainer, whose workers hold the CPUs. A placement
+# group bundle may not be all zeros, so the function asks for a little memory instead of a CPU
+# share, and a trial of N one-CPU workers fits a node of N CPUs.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
 SWEEP_TAG = "cafe.sweep"
 ARM_TAG = "cafe.arm"
 TRIAL_DIR = re.compile(r"_([0-9a-f]{5}_\d{5})_")  # Tune's trial directory: <trainable>_<trial id>_<index>_...
@@ -123,6 +126,7 @@ def _scheduler(cfg: ExperimentConfig, max_steps: int):
 
 def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
     dims = check_sweep(cfg)
+    check_cluster_fits(cfg)
     name = sweep_name(cfg)
     tracking_uri = cfg.tracking.tracking_uri
     params = {f"tune.{k}": v for k, v in to_flat_dict(cfg.tune).items()}
@@ -135,7 +139,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=dataclasses.asdict(cfg), name=name, parent_run_id=parent,
                              storage_path=join(storage, name, "train"), tags=tags),
-        {"cpu": TRIAL_CPU})
+        TRIAL_RESOURCES)
     path = f"{storage}/{name}"
     max_steps = planned_steps(data_order(cfg), cfg)
     try:
