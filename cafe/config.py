@@ -53,7 +53,8 @@ class ModelConfig:
     # when `checkpoint` is missing: the config of the LM-only stage that trains it (`cafe pretrain`),
     # so CAFe fine-tunes a model that already generates; empty: no such stage
     pretrain_config: str = ""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # the packed step computes attention unit by unit with these kernels (cafe/attention.py)
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     gradient_checkpointing: bool = False
     compile_blocks: bool = False  # torch.compile each transformer block (cafe.compile); ZeRO 0-2 only
     # the parts that train, by the research code's names; the rest is frozen (no gradient, no optimizer state)
