@@ -75,17 +75,18 @@ def gradcache_step(model: CafeModel, chunks: list[PackedBatch], rank: int = 0, w
     query_grads = grad["query"].split(sizes) if "query" in grad else [None] * len(chunks)
     target_grads = grad["target"].split(sizes) if "target" in grad else [None] * len(chunks)
     labelled = [int((chunk.lm_targets != IGNORE_INDEX).sum()) for chunk in chunks]
+    total = sum(labelled)
 
     lm = None
     for i, chunk in enumerate(chunks):
-        share = labelled[i] / sum(labelled) if "lm" in grad else 0.0
+        share = labelled[i] / total if "lm" in grad and total else 0.0
         cached = CachedGrads(query=query_grads[i], target=target_grads[i], lm=grad["lm"] * share if share else 0.0,
                              params=param_grads if i == 0 else [])
         if states:
             _set_rng_state(device, states[i])
         out = model(chunk, rank, world_size, cached=cached)
         backward(out.objective, i == len(chunks) - 1)
-        if share:  # a chunk without labels has a NaN mean and no weight
+        if share:  # a chunk without labels has no weight
             part = out.lm_loss.detach() * share
             lm = part if lm is None else lm + part
     con = terms.con_loss.detach() if terms.con_loss is not None else None

@@ -49,12 +49,3 @@ def quiet_ray_train_reports() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def quiet_worker_traceback_of(error: type[BaseException]) -> None:
-    """Ray Train logs every worker exception with its traceback, on the console too. For an
-    `error` that the driver reports in one line of its own (a stop the loop chose), that
-    traceback is noise. Call in a Train worker."""
-    from ray.train.v2._internal import util
-
-    logging.getLogger(util.__name__).addFilter(lambda record: error.__name__ not in record.getMessage())

@@ -155,9 +155,12 @@ class CafeModel(nn.Module):
         return F.normalize(pooled, dim=-1)
 
     def lm_loss(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Mean next-token loss over the labelled tokens; 0, not NaN, for a batch whose answers
+        were all cut away by `data.max_text_tokens` (divided without a device sync)."""
         labelled = batch.lm_targets != IGNORE_INDEX
         logits = self.vlm.lm_head(hidden[labelled])
-        return F.cross_entropy(logits.float(), batch.lm_targets[labelled])
+        total = F.cross_entropy(logits.float(), batch.lm_targets[labelled], reduction="sum")
+        return total / labelled.sum().clamp(min=1)
 
     def forward(self, batch: PackedBatch, rank: int = 0, world_size: int = 1, *,
                 cached: CachedGrads | None = None) -> LossTerms:

@@ -89,6 +89,12 @@ start_ray() {
   fi
   if [[ -f "$TOKEN_FILE" ]]; then chmod 600 "$TOKEN_FILE"; fi
   export RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
+  if [[ -s "$STATE/mlflow-auth.ini" ]]; then
+    # jobs submitted to this head log to the MLflow server beside it, which asks for a login
+    MLFLOW_TRACKING_USERNAME=admin
+    MLFLOW_TRACKING_PASSWORD="$(sed -n 's/^admin_password = //p' "$STATE/mlflow-auth.ini")"
+    export MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
+  fi
   # --block keeps `ray start` as the group leader: on SIGTERM it drains and stops its processes.
   (set -m; RAY_AUTH_MODE=token nohup bash "$CLUSTER/start_head.sh" --port="${RAY_GCS_PORT:-6379}" --block "$@" \
     >"$LOGS/ray.log" 2>&1 </dev/null & echo $! >"$STATE/ray.pid")
@@ -164,6 +170,7 @@ up() {
   # owner-only, also where an earlier version left the state readable by others
   chmod 700 "$STATE" "$LOGS"
   find "$STATE" -maxdepth 1 -type f -exec chmod 600 {} +
+  if [[ "$HOST" != 127.0.0.1 ]]; then auth_config >/dev/null; fi  # before Ray: its jobs get the login
   local name address
   for name in "${NAMES[@]}"; do
     if running "$name"; then
@@ -237,7 +244,7 @@ Submit from the project root, with the head's token:
 EOF
   if [[ -s "$STATE/mlflow-auth.ini" ]]; then
     cat <<EOF
-MLflow asks for a login (basic auth); as its admin:
+MLflow asks for a login (basic auth; jobs on this head have it); from this shell, as its admin:
   export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD="\$(sed -n 's/^admin_password = //p' $STATE/mlflow-auth.ini)"
 EOF
   fi

@@ -97,7 +97,9 @@ def test_killed_driver_then_relaunches_leave_one_finished_run(scenes):
 def test_non_finite_loss_fails_the_run_and_exports_nothing(scenes):
     root, shared, tracking_uri = scenes
     log = root / "nan.log"
-    overrides = run_overrides(root, shared, "exploding", "train.lr=1.0e+12", "train.checkpoint_every=1")
+    # worker failures may be retried: a deliberate stop must not be (it would fail the same way each time)
+    overrides = run_overrides(root, shared, "exploding", "train.lr=1.0e+12", "train.checkpoint_every=1",
+                              "train.max_failures=2")
     assert cafe("train", overrides, log).wait(timeout=300) == 1
     text = log.read_text()
     lines = [line for line in text.splitlines() if line.startswith("cafe train:")]

@@ -72,6 +72,13 @@ def test_a_finished_run_is_found_and_orphans_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint_0*")) == ["checkpoint_0000010", "checkpoint_0000020"]
 
 
+def test_a_damaged_latest_checkpoint_is_refused_before_any_worker_starts(tmp_path):
+    checkpoint(tmp_path, 10, export=True)
+    (tmp_path / "checkpoint_0000010" / "deepspeed" / "optim_rank0.pt").write_bytes(b"not what was saved")
+    with pytest.raises(CheckpointError, match="differs from the hash written at save time; restore the checkpoint"):
+        run_folder(tmp_path, ["checkpoint_0000010"]).finished_checkpoint(20)
+
+
 def test_a_registered_checkpoint_that_is_gone_is_one_line(tmp_path):
     checkpoint(tmp_path, 10, export=False)
     folder = run_folder(tmp_path, ["checkpoint_0000010", "checkpoint_0000020"])
@@ -94,3 +101,8 @@ def test_publishing_swaps_in_a_complete_model(tmp_path):
     target.rename(tmp_path / "model.previous")
     recover_published(target)
     assert (target / "config.json").read_text() == "new"
+    # cut while the old model was being deleted: the deletion is finished, the next swap works
+    (tmp_path / "model.previous").mkdir()
+    (tmp_path / "model.previous" / "config.json").write_text("old")
+    publish_model(old, target)
+    assert (target / "config.json").read_text() == "old" and not (tmp_path / "model.previous").exists()

@@ -280,6 +280,15 @@ def test_state_is_owner_only_and_an_exposed_mlflow_asks_for_a_login(env, tmp_pat
         login = requests.get(api, params={"max_results": 1}, auth=("admin", password), timeout=10)
         assert login.status_code == 200, login.text
         assert "MLFLOW_TRACKING_USERNAME=admin" in local(env, "status").stdout
+        # a job submitted to the head can log in too
+        token = token_path.read_text()
+        job = subprocess.run([str(REPO / ".venv" / "bin" / "ray"), "job", "submit", "--address",
+                              f"http://127.0.0.2:{env['RAY_DASHBOARD_PORT']}", "--", "python", "-c",
+                              "import os; print('login', os.environ.get('MLFLOW_TRACKING_PASSWORD') == "
+                              f"{password!r})"],
+                             cwd=REPO, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                             capture_output=True, text=True, timeout=300)
+        assert "login True" in job.stdout, (job.stdout + job.stderr)[-2000:]
     finally:
         local(env, "down", timeout=180)
         shutil.rmtree(temp_dir, ignore_errors=True)

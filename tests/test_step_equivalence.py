@@ -142,6 +142,20 @@ def test_a_contrastive_only_batch_without_pairs_still_runs_the_step(tiny_checkpo
     assert all(not g.any() for g in grads.values())
 
 
+def test_a_batch_whose_answers_were_all_cut_has_a_zero_lm_term(tiny_checkpoint):
+    """Every answer cut away by `data.max_text_tokens`: the LM term is 0 (not NaN, which would
+    stop training as a non-finite loss) and the contrastive term still trains."""
+    vlm, processor = load_vlm(tiny_checkpoint)
+    model = CafeModel(vlm, CafeLoss(con_weight=0.5, contrastive=ContrastiveLoss())).train()
+    batch = Collator(processor)(make_examples(4, multimodal=False))
+    batch.lm_targets = torch.full_like(batch.lm_targets, IGNORE_INDEX)
+    terms = model(batch)
+    terms.objective.backward()
+    assert terms.lm_loss.item() == 0.0 and torch.isfinite(terms.loss) and terms.con_loss.item() > 0
+    grads = gradients(vlm)
+    assert all(torch.isfinite(g).all() for g in grads.values()) and any(g.any() for g in grads.values())
+
+
 def test_packed_step_in_bfloat16(tiny_checkpoint):
     """The training dtype on GPUs: the packed step casts what it must (image features, pooled
     embeddings and logits to float32 for the losses) and lands near the float32 result."""

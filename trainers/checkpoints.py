@@ -46,13 +46,14 @@ def verify_manifests(folder: Path) -> None:
     manifests = sorted(folder.glob("manifest_rank*.json"))
     if not manifests:
         raise CheckpointError(f"checkpoint {folder} has no manifest: it was not written by this trainer, or only "
-                              "partly copied; delete it or point train.storage_path elsewhere")
+                              "partly copied; restore it, or delete the run folder to train again from the start")
     for manifest in manifests:
         for name, digest in json.loads(manifest.read_text()).items():
             path = folder / name
             if not path.is_file() or _sha256(path) != digest:
                 raise CheckpointError(f"checkpoint {folder}: {name} is missing or differs from the hash written at "
-                                      f"save time; delete the checkpoint to resume from an earlier one")
+                                      "save time; restore the checkpoint, or delete the run folder to train again "
+                                      "from the start")
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,17 @@ class RunFolder:
                                   "continues)")
         return f"{self.path}/{latest}" if latest else None
 
+    def verified_latest(self) -> str | None:
+        """`check`, and on a local disk the latest checkpoint's hashes too, so that a damaged one
+        is one line here rather than a failure in every worker (which Ray would retry)."""
+        latest = self.check()
+        if latest is not None and isinstance(self.filesystem, pyarrow.fs.LocalFileSystem):
+            verify_manifests(Path(latest))
+        return latest
+
     def finished_checkpoint(self, total_steps: int) -> str | None:
         """The latest checkpoint when it is the run's last (taken at `total_steps`, with the export)."""
-        latest = self.check()
+        latest = self.verified_latest()
         if latest is None or not self._exists(f"{latest}/{HF_EXPORT_DIR}/config.json"):
             return None
         state = self._read(f"{latest}/{STATE_FILE}")
@@ -135,7 +144,10 @@ def publish_model(source: Path, target: Path) -> Path:
 
 
 def recover_published(target: Path) -> None:
-    """A swap cut between its two renames leaves the old model at `<target>.previous`: put it back."""
+    """A swap cut between its two renames leaves the old model at `<target>.previous`: put it
+    back. Cut while the old one was being deleted, it leaves both: finish the deletion."""
     previous = target.with_name(target.name + ".previous")
     if previous.exists() and not target.exists():
         previous.rename(target)
+    elif previous.exists():
+        shutil.rmtree(previous)

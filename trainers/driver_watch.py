@@ -21,8 +21,10 @@ def driver_identity() -> dict:
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # gone, or another user's process holds the pid now
+    except ProcessLookupError:
         return False
+    except PermissionError:  # it exists, under another user: never take it for gone
+        return True
     return True
 
 

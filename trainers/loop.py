@@ -22,7 +22,7 @@ from cafe.compile import compile_blocks
 from cafe.config import ExperimentConfig, config_from_dict
 from cafe.gradcache import chunked, gradcache_step
 from cafe.inference import InferenceModel
-from cafe.logs import quiet_deepspeed, quiet_libraries, quiet_ray_train_reports, quiet_worker_traceback_of
+from cafe.logs import quiet_deepspeed, quiet_libraries, quiet_ray_train_reports
 from cafe.losses import CafeLoss, ContrastiveLoss
 from cafe.model import CafeModel, claim_cpus, load_vlm, set_tunable_parts
 from cafe.records import example_from_row
@@ -36,7 +36,7 @@ from trainers.driver_watch import stop_with_driver
 from trainers.prefetch import prefetched
 from trainers.progress import Progress
 from trainers.shards import DataOrder
-from trainers.tracking import MetricLog
+from trainers.tracking import MetricLog, record_stop
 
 PROGRESS_LOG = logging.getLogger("cafe.train")
 DEEPSPEED_DIR = "deepspeed"  # engine + optimizer state, for resuming
@@ -105,7 +105,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.use_gpu else "cpu")
     quiet_libraries()
     quiet_ray_train_reports()
-    quiet_worker_traceback_of(NonFiniteLoss)
     import deepspeed  # on workers only, after DS_ACCELERATOR is set: it picks its accelerator at import
 
     quiet_deepspeed()
@@ -144,7 +143,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         max_text_tokens=cfg.data.max_text_tokens, max_turns=cfg.data.max_turns)
     order = DataOrder.for_training(cfg.data.train_dir, world, cfg.train.batch_size, cfg.train.seed)
     tracking_uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
-    metric_log = MetricLog(tracking_uri, run_id, resumed_at=step) if rank == 0 else None
+    metric_log = MetricLog(tracking_uri, run_id) if rank == 0 else None
     stop_with_driver(loop_config["driver"])
     last_metrics: dict[str, float] = {}
     checkpoint_every = loop_config["checkpoint_every"]
@@ -171,7 +170,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             terms = engine(parts[0], rank=rank, world_size=world)
             engine.backward(terms.objective)
-        _stop_unless_finite(terms, step + 1, world)  # before the optimizer step: the weights stay finite
+        stop = _non_finite(terms, step + 1, world)  # before the optimizer step: the weights stay finite
+        if stop:  # every rank returns, without a final checkpoint; the driver reads why (Ray retries errors)
+            if rank == 0:
+                record_stop(tracking_uri, run_id, stop)
+            return
         logging_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
         norm = _unclipped_grad_norm(engine) if logging_step else None
         engine.step()
@@ -199,24 +202,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _report_checkpoint(engine, model, processor, cfg, rank, step, last_metrics, export=True)
 
 
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or infinite: training stops before the optimizer takes the step."""
-
-
-def _stop_unless_finite(terms, step: int, world: int) -> None:
-    """Every rank stops together when any rank's loss is not finite (one tiny all-reduce), so no
-    rank waits in a collective for one that has raised."""
+def _non_finite(terms, step: int, world: int) -> str | None:
+    """Why training must stop here when any rank's loss is NaN or infinite, else None. Every rank
+    gets the same answer (one tiny all-reduce), so all stop at the same step."""
     named = {name: value.detach().float() for name, value in
              (("loss", terms.loss), ("lm_loss", terms.lm_loss), ("con_loss", terms.con_loss)) if value is not None}
-    values = torch.stack(list(named.values()))
-    bad = (~torch.isfinite(values)).float().max().reshape(1)
+    bad = (~torch.isfinite(torch.stack(list(named.values())))).float().max().reshape(1)
     if world > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item():
-        shown = ", ".join(f"{name} {value.item():.4g}" for name, value in named.items())
-        rank = dist.get_rank() if world > 1 else 0
-        raise NonFiniteLoss(f"the loss is not finite at step {step} ({shown} on rank {rank}); training stopped "
-                            "before that step changed the weights")
+    if not bad.item():
+        return None
+    shown = ", ".join(f"{name} {value.item():.4g}" for name, value in named.items())
+    rank = dist.get_rank() if world > 1 else 0
+    return (f"the loss is not finite at step {step} ({shown} on rank {rank}); training stopped before that step "
+            "changed the weights")
 
 
 def _backward_part(engine, objective: torch.Tensor, last: bool) -> None:

@@ -11,14 +11,14 @@ import pyarrow
 import pyarrow.fs
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2.api.exceptions import WorkerGroupError
 
 from cafe.config import ExperimentConfig
 from pipelines.storage import Storage, StorageError, is_s3
 from trainers.checkpoints import HF_EXPORT_DIR, STATE_FILE, RunFolder, publish_model
 from trainers.driver_watch import driver_identity
-from trainers.loop import NonFiniteLoss, train_loop_per_worker
+from trainers.loop import train_loop_per_worker
 from trainers.shards import DataOrder
+from trainers.tracking import take_stop
 
 FAIL_AT_STEP_ENV = "CAFE_FAIL_AT_STEP"
 
@@ -113,21 +113,6 @@ def check_training_inputs(cfg: ExperimentConfig) -> int:
     return planned_steps(data_order(cfg), cfg)
 
 
-def check_cluster_fits(cfg: ExperimentConfig) -> None:
-    """A run whose workers want more CPUs (or GPUs) than the whole Ray cluster has would wait
-    for them forever: refuse it in one line instead."""
-    import ray
-
-    total = ray.cluster_resources()
-    per_worker = {"CPU": cfg.train.cpus_per_worker, "GPU": 1 if cfg.train.use_gpu else 0}
-    for resource, each in per_worker.items():
-        need, have = cfg.train.num_workers * each, total.get(resource, 0)
-        if need > have:
-            raise InputError(f"a run needs {need:g} {resource}s (train.num_workers {cfg.train.num_workers} x {each:g}) "
-                             f"and the Ray cluster has {have:g}: lower train.num_workers or train.cpus_per_worker, "
-                             "or add nodes")
-
-
 def build_trainer(cfg: ExperimentConfig, run_id: str, *, callbacks: list | None = None,
                   storage_path: str | None = None, total_steps: int | None = None) -> TorchTrainer:
     total_steps = total_steps or check_training_inputs(cfg)
@@ -196,12 +181,12 @@ def train(cfg: ExperimentConfig, run_id: str) -> tuple[Path, int]:
     number of optimizer steps it took. A run whose last checkpoint is already taken is not
     launched again: its checkpoint is exported as it is."""
     total_steps = check_training_inputs(cfg)
-    check_cluster_fits(cfg)
     folder = run_folder(cfg)
     checkpoint = _finished_checkpoint(folder, cfg.name, total_steps)
     if checkpoint is None:
         folder.remove_orphans()
-        checkpoint = _fit(build_trainer(cfg, run_id, total_steps=total_steps)).checkpoint
+        trainer = build_trainer(cfg, run_id, total_steps=total_steps)
+        checkpoint = _fit(trainer, cfg.tracking.tracking_uri, run_id).checkpoint
     out = Path(cfg.output_dir, "model")
     with checkpoint.as_directory() as ckpt:
         publish_model(Path(ckpt) / HF_EXPORT_DIR, out)
@@ -220,16 +205,13 @@ def _finished_checkpoint(folder: RunFolder, name: str, total_steps: int) -> Chec
     return Checkpoint(path, filesystem=folder.filesystem)
 
 
-def _fit(trainer: TorchTrainer):
+def _fit(trainer: TorchTrainer, tracking_uri: str, run_id: str):
     """`fit`, with the loop's own stop (a non-finite loss) raised as TrainingStopped."""
-    try:
-        result = fit_interruptibly(trainer)
-    except WorkerGroupError as err:
-        stops = [getattr(f, "_base_exc", f) for f in err.worker_failures.values()]  # Ray wraps each worker's error
-        stop = next((s for s in stops if isinstance(s, NonFiniteLoss)), None)
-        if stop is not None:
-            raise TrainingStopped(str(stop)) from None
-        raise
+    take_stop(tracking_uri, run_id)  # a stop recorded by an earlier launch is not this one's
+    result = fit_interruptibly(trainer)
+    stop = take_stop(tracking_uri, run_id)
+    if stop is not None:
+        raise TrainingStopped(stop)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
     return result

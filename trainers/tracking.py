@@ -23,6 +23,7 @@ DRIVER_TAG = "cafe.driver"  # host:pid of the process that last launched the run
 HEARTBEAT_TAG = "cafe.heartbeat"  # unix seconds, renewed while that process runs it
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 120  # a RUNNING run on another host without a heartbeat this long has lost its driver
+STOPPED_TAG = "cafe.stopped"  # why the training loop stopped itself (a non-finite loss), set by rank 0
 # JSON that Ray's job supervisor hands a submitted entrypoint; its metadata holds the submission id
 RAY_JOB_CONFIG_JSON_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -158,14 +159,28 @@ class MetricLog:
     to the last one already in the run's history (logged before a crash, then trained again
     from an earlier checkpoint) are not logged twice."""
 
-    def __init__(self, tracking_uri: str, run_id: str, *, resumed_at: int, key: str = "train/loss") -> None:
+    def __init__(self, tracking_uri: str, run_id: str, *, key: str = "train/loss") -> None:
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        history = MlflowClient(tracking_uri).get_metric_history(run_id, key) if resumed_at else []
+        # read on every start: a run folder deleted to train again from step 1 keeps its MLflow run
+        history = MlflowClient(tracking_uri).get_metric_history(run_id, key)
         self.logged_until = max((m.step for m in history), default=0)
 
     def log(self, metrics: dict[str, float], *, step: int) -> None:
         if step > self.logged_until:
             log_metrics(self.tracking_uri, self.run_id, metrics, step=step)
+
+
+def record_stop(tracking_uri: str, run_id: str, reason: str) -> None:
+    MlflowClient(tracking_uri).set_tag(run_id, STOPPED_TAG, reason)
+
+
+def take_stop(tracking_uri: str, run_id: str) -> str | None:
+    """Why the last launch's training loop stopped itself, if it did; cleared for the next launch."""
+    client = MlflowClient(tracking_uri)
+    reason = client.get_run(run_id).data.tags.get(STOPPED_TAG)
+    if reason is not None:
+        client.delete_tag(run_id, STOPPED_TAG)
+    return reason
 
 
 def ended_status(error: BaseException) -> str:

@@ -22,8 +22,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from cafe.config import ConfigError, ExperimentConfig, config_from_dict, to_flat_dict
-from trainers.run import build_trainer, check_cluster_fits, data_order, planned_steps
-from trainers.tracking import RUN_KEY_TAG, ended_status, finish_run, get_or_create_run, log_metrics, provenance_tags
+from trainers.run import build_trainer, data_order, planned_steps
+from trainers.tracking import (
+    RUN_KEY_TAG,
+    ended_status,
+    finish_run,
+    get_or_create_run,
+    log_metrics,
+    provenance_tags,
+    take_stop,
+)
 from tuning.report import SweepSummary, Trial, best_trial, write_sweep_report
 from tuning.space import ARM, Dimension, search_space, trial_values, with_values
 
@@ -105,8 +113,10 @@ def run_trial(values: dict, *, base: dict, name: str, parent_run_id: str, storag
     if ARM in values:
         client.set_tag(run_id, ARM_TAG, values[ARM])
     callback = ObjectiveReport(cfg.tune.objective, cfg.tracking.tracking_uri, run_id)
+    take_stop(cfg.tracking.tracking_uri, run_id)  # a stop recorded by an earlier attempt is not this one's
     result = build_trainer(cfg, run_id, callbacks=[callback], storage_path=storage_path).fit()
-    finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED" if result.error else "FINISHED")
+    stopped = take_stop(cfg.tracking.tracking_uri, run_id) is not None  # a non-finite loss ends the trial FAILED
+    finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED" if result.error or stopped else "FINISHED")
 
 
 @dataclass(slots=True)
@@ -126,7 +136,6 @@ def _scheduler(cfg: ExperimentConfig, max_steps: int):
 
 def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
     dims = check_sweep(cfg)
-    check_cluster_fits(cfg)
     name = sweep_name(cfg)
     tracking_uri = cfg.tracking.tracking_uri
     params = {f"tune.{k}": v for k, v in to_flat_dict(cfg.tune).items()}
